@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 
 class KdcliError(Exception):
     """A failure the user can act on: printed as one line, never as a traceback.
@@ -20,3 +22,15 @@ class UsageError(KdcliError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, exit_code=2)
+
+
+def unknown_name(kind: str, name: str, known: list[str]) -> UsageError:
+    """``unknown method 'kdd'; did you mean kd?`` — the closest names, or the short list."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    if close:
+        hint = f"; did you mean {', '.join(close)}?"
+    elif len(known) <= 12:
+        hint = f"; known: {', '.join(sorted(known))}"
+    else:
+        hint = ""
+    return UsageError(f"unknown {kind} {name!r}{hint}")

@@ -1,0 +1,326 @@
+"""The ``kdcli`` command line: parse, build the config, call a job, print the result.
+
+No training logic lives here.  Every ``KdcliError`` becomes one line on stderr
+and an exit code (2: wrong invocation, 1: runtime failure, 130: interrupted).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdcli import __version__
+from kdcli.config import build_config
+from kdcli.errors import KdcliError, UsageError
+from kdcli.jobs.evaluate import EVAL_SPLITS, evaluate_checkpoint
+from kdcli.jobs.train import TrainingSummary, run_training
+from kdcli.method import Method
+from kdcli.registry import get_method, method_plugins
+
+app = typer.Typer(
+    name="kdcli",
+    help="Knowledge distillation from the command line: teach a teacher, distill a student, evaluate, sweep.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+methods_app = typer.Typer(help="List the installed methods and describe their hyperparameters.", no_args_is_help=True)
+app.add_typer(methods_app, name="methods")
+
+stdout = Console()
+stderr = Console(stderr=True, highlight=False)
+
+
+def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected failures into one line and an exit code instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except KdcliError as exc:
+            stderr.print(f"kdcli: error: {exc}", markup=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            stderr.print(f"kdcli: error: {exc}", markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+# -- options shared by teach and distill ---------------------------------------------
+
+ModelOption = Annotated[Optional[str], typer.Option("--model", help="timm model name (also the cifar_* zoo).", show_default=False)]
+DataOption = Annotated[Optional[str], typer.Option("--data", help="synthetic (default), cifar10, cifar100, or imagefolder:PATH.", show_default=False)]
+DataRootOption = Annotated[Optional[Path], typer.Option("--data-root", help="Where downloaded data sets live.", show_default=False)]
+DownloadOption = Annotated[bool, typer.Option("--download", help="Download the data set if it is missing.")]
+ValSplitOption = Annotated[Optional[float], typer.Option("--val-split", help="Fraction of train held out for validation (0 = none).", show_default=False)]
+EpochsOption = Annotated[Optional[int], typer.Option("--epochs", help="Number of epochs.", show_default=False)]
+BatchSizeOption = Annotated[Optional[int], typer.Option("--batch-size", help="Training batch size (global).", show_default=False)]
+LrOption = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.", show_default=False)]
+SaveEveryOption = Annotated[Optional[int], typer.Option("--save-every", help="Keep a checkpoint every K epochs.", show_default=False)]
+SeedOption = Annotated[Optional[int], typer.Option("--seed", help="Training seed.", show_default=False)]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda.", show_default=False)]
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="TOML, YAML or JSON config file.", show_default=False)]
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key: --set method.temperature=4.", show_default=False)]
+OutOption = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/JOB-METHOD-TIME).", show_default=False)]
+ResumeOption = Annotated[Optional[Path], typer.Option("--resume", help="Continue the interrupted run in this directory.", show_default=False)]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-epoch lines.")]
+
+# Flags that map onto config keys; None means "not given, keep the config's value".
+FLAG_KEYS: dict[str, tuple[str, ...]] = {
+    "model": ("model", "name"),
+    "data": ("data", "name"),
+    "data_root": ("data", "root"),
+    "val_split": ("data", "val_split"),
+    "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"),
+    "lr": ("optim", "lr"),
+    "save_every": ("train", "save_every"),
+    "seed": ("train", "seed"),
+    "device": ("train", "device"),
+}
+
+
+def _flags_to_tree(values: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, path in FLAG_KEYS.items():
+        if values.get(name) is not None:
+            tree.setdefault(path[0], {})[path[1]] = values[name]
+    if values.get("download"):
+        tree.setdefault("data", {})["download"] = True
+    return tree
+
+
+DEFAULT_METHODS = {"teach": "standard", "distill": "kd"}
+
+
+def _train(job: str, method: str | None, teacher: Path | None, values: dict[str, Any]) -> None:
+    resume: Path | None = values["resume"]
+    show_progress = not values["quiet"]
+    if resume is not None:
+        given = [name for name in (*FLAG_KEYS, "config", "set", "out", "download", "overwrite") if values.get(name)]
+        given += ["method"] * (method is not None) + ["teacher"] * (teacher is not None)
+        if given:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+            raise UsageError(f"--resume continues a run with its saved config; drop {flags}")
+        summary = run_training(build_config(), resume, resume=True, show_progress=show_progress)
+    else:
+        flags = _flags_to_tree(values) | {"job": job}
+        if method is not None:
+            flags["method"] = {"name": method}
+        if teacher is not None:
+            flags["teacher"] = str(teacher)
+        config = build_config(
+            defaults={"method": {"name": DEFAULT_METHODS[job]}},
+            file=values["config"],
+            flags=flags,
+            overrides=values["set"],
+        )
+        out = values["out"] or _default_out(job, config.method.name)
+        summary = run_training(config, out, overwrite=values["overwrite"], show_progress=show_progress)
+    _print_summary(summary, as_json=values["json_output"])
+
+
+def _default_out(job: str, method: str) -> Path:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("under torchrun pass --out explicitly so every process writes to the same run directory")
+    return Path("runs") / f"{job}-{method}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _print_summary(summary: TrainingSummary, *, as_json: bool) -> None:
+    if as_json:
+        stdout.print_json(json.dumps(summary.as_dict()))
+        return
+    table = Table(title=f"{summary.config.job} · {summary.config.method.name} · {summary.run_dir}")
+    for column in ("model", "role", "test top-1", "top-5", "NLL", "ECE"):
+        table.add_column(column, justify="right" if column not in ("model", "role") else "left")
+    rows = [(summary.teacher_arch, "teacher", summary.teacher_test)] if summary.teacher_test else []
+    rows.append((summary.config.model.name, "student" if summary.config.job == "distill" else "teacher", summary.test))
+    for arch, role, report in rows:
+        table.add_row(arch, role, f"{report['top1']:.4f}", f"{report['top5']:.4f}", f"{report['nll']:.4f}", f"{report['ece']:.4f}")
+    stdout.print(table)
+    stdout.print(f"checkpoint: {summary.run_dir / 'last.safetensors'}")
+
+
+@app.command(epilog="Examples: kdcli teach  ·  kdcli teach --model cifar_resnet32x4 --data cifar100 --epochs 240 --set schedule.name=multistep --set schedule.milestones=[150,180,210]")
+@reports_errors
+def teach(
+    method: Annotated[Optional[str], typer.Option("--method", help="Teacher-training method (default standard; kdcli methods list).", show_default=False)] = None,
+    model: ModelOption = None,
+    data: DataOption = None,
+    data_root: DataRootOption = None,
+    download: DownloadOption = False,
+    val_split: ValSplitOption = None,
+    epochs: EpochsOption = None,
+    batch_size: BatchSizeOption = None,
+    lr: LrOption = None,
+    save_every: SaveEveryOption = None,
+    seed: SeedOption = None,
+    device: DeviceOption = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    out: OutOption = None,
+    resume: ResumeOption = None,
+    overwrite: OverwriteOption = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train a teacher and save safetensors checkpoints every K epochs."""
+    values = dict(locals())
+    values["set"] = values.pop("set_") or []
+    _train("teach", values.pop("method"), None, values)
+
+
+@app.command(epilog="Examples: kdcli distill --teacher runs/t/last.safetensors  ·  kdcli distill --teacher t.safetensors --method kd --set method.temperature=4")
+@reports_errors
+def distill(
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Teacher checkpoint (.safetensors).", show_default=False)] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="Distillation method (default kd; kdcli methods list).", show_default=False)] = None,
+    model: ModelOption = None,
+    data: DataOption = None,
+    data_root: DataRootOption = None,
+    download: DownloadOption = False,
+    val_split: ValSplitOption = None,
+    epochs: EpochsOption = None,
+    batch_size: BatchSizeOption = None,
+    lr: LrOption = None,
+    save_every: SaveEveryOption = None,
+    seed: SeedOption = None,
+    device: DeviceOption = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    out: OutOption = None,
+    resume: ResumeOption = None,
+    overwrite: OverwriteOption = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train a student from a teacher checkpoint with a distillation method."""
+    values = dict(locals())
+    values["set"] = values.pop("set_") or []
+    _train("distill", values.pop("method"), values.pop("teacher"), values)
+
+
+@app.command("eval", epilog="Examples: kdcli eval runs/t/last.safetensors  ·  kdcli eval s.safetensors --split val --json")
+@reports_errors
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="A kdcli checkpoint (.safetensors).", show_default=False)],
+    data: DataOption = None,
+    data_root: DataRootOption = None,
+    download: DownloadOption = False,
+    split: Annotated[str, typer.Option("--split", help=f"Which split: {', '.join(EVAL_SPLITS)}.")] = "test",
+    device: DeviceOption = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Evaluation batch size.")] = 512,
+    json_output: JsonOption = False,
+) -> None:
+    """Report top-1/top-5, NLL, ECE, Brier (and the distance to p* on synthetic data)."""
+    report = evaluate_checkpoint(
+        checkpoint, data=data, data_root=data_root, download=download, split=split, device=device or "auto", batch_size=batch_size
+    )
+    if json_output:
+        stdout.print_json(json.dumps(report))
+        return
+    table = Table(title=f"{checkpoint} · {report['arch']} · {report['data']} {report['split']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in report["metrics"].items():
+        table.add_row(name, f"{value:.4f}")
+    stdout.print(table)
+
+
+@methods_app.command("list")
+@reports_errors
+def methods_list(json_output: JsonOption = False) -> None:
+    """Every installed method with its role, summary and providing distribution."""
+    plugins = method_plugins()
+    rows = [
+        {
+            "name": plugin.name,
+            "roles": sorted(plugin.loaded.roles) if plugin.error is None else [],
+            "teacher": plugin.loaded.teacher_use if plugin.error is None else None,
+            "summary": plugin.loaded.summary if plugin.error is None else "",
+            "distribution": plugin.distribution,
+            "error": plugin.error,
+        }
+        for plugin in plugins
+    ]
+    if json_output:
+        stdout.print_json(json.dumps(rows))
+        return
+    table = Table(title="kdcli methods")
+    for column in ("name", "role", "teacher", "summary", "from"):
+        table.add_column(column)
+    for row in rows:
+        summary = row["summary"] if row["error"] is None else f"[red]failed to load: {row['error']}[/red]"
+        table.add_row(row["name"], "/".join(row["roles"]), row["teacher"] or "", summary, row["distribution"])
+    stdout.print(table)
+
+
+@methods_app.command("show")
+@reports_errors
+def methods_show(name: Annotated[str, typer.Argument(help="Method name.")], json_output: JsonOption = False) -> None:
+    """A method's hyperparameters: type, default and help (set with --set method.KEY=VALUE)."""
+    method = get_method(name)
+    rows = _describe_params(method)
+    if json_output:
+        stdout.print_json(json.dumps({"name": name, "roles": sorted(method.roles), "teacher": method.teacher_use, "params": rows}))
+        return
+    stdout.print(f"[bold]{name}[/bold]: {method.summary}  (roles: {', '.join(sorted(method.roles))}; teacher: {method.teacher_use})")
+    table = Table()
+    for column in ("key", "type", "default", "help"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(f"method.{row['name']}", row["type"], json.dumps(row["default"]), row["help"])
+    stdout.print(table)
+
+
+def _describe_params(method: type[Method]) -> list[dict[str, Any]]:
+    schema = method.Params.model_json_schema()
+    rows = []
+    for name, field in method.Params.model_fields.items():
+        prop = schema.get("properties", {}).get(name, {})
+        rows.append({"name": name, "type": _schema_type(prop), "default": field.get_default(call_default_factory=True), "help": field.description or ""})
+    return rows
+
+
+def _schema_type(prop: dict[str, Any]) -> str:
+    if "enum" in prop:
+        return " | ".join(json.dumps(value) for value in prop["enum"])
+    if "anyOf" in prop:
+        return " | ".join(_schema_type(option) for option in prop["anyOf"])
+    text = prop.get("type", "any")
+    if text == "array":
+        text = f"list[{_schema_type(prop.get('items', {}))}]"
+    bounds = [f"{symbol}{prop[key]}" for key, symbol in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<")) if key in prop]
+    return f"{text} ({', '.join(bounds)})" if bounds else text
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        stdout.print(f"kdcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """Knowledge distillation from the command line."""
+
+
+def main() -> None:
+    app(prog_name="kdcli")

@@ -1,0 +1,218 @@
+"""Run configuration: pydantic models, config files, and ``--set`` overrides.
+
+A config is data, never code: TOML, YAML or JSON files are parsed with safe
+loaders and validated; unknown keys are rejected everywhere.  The ``method``
+section holds the method's name plus its hyperparameters, which the method's
+own pydantic model validates (see :mod:`kdcli.method`).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
+
+from kdcli.errors import UsageError
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticConfig(StrictModel):
+    """Parameters of the embedded mixed-feature data set (fixed by its own seed)."""
+
+    num_train: PositiveInt = 10_000
+    num_test: PositiveInt = 2_000
+    num_classes: int = Field(10, ge=2)
+    vocab_size: PositiveInt = 100
+    features_per_input: PositiveInt = 4
+    image_size: int = Field(16, ge=8)
+    patch_size: PositiveInt = 4
+    noise_std: NonNegativeFloat = 0.2
+    dirichlet_alpha: PositiveFloat = 0.05
+    zipf_exponent: NonNegativeFloat = 1.0
+    seed: int = 0
+
+
+class DataConfig(StrictModel):
+    """Which data set, where it lives, the validation split, and augmentation."""
+
+    name: str = Field("synthetic", description="synthetic, cifar10, cifar100, or imagefolder:PATH")
+    root: Path = Field(Path("data"), description="Directory holding (or receiving) downloaded data sets.")
+    download: bool = False
+    val_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of train held out for validation.")
+    split_seed: int = Field(0, description="Seed of the train/val split, fixed across training seeds.")
+    image_size: PositiveInt = Field(64, description="Side length images are resized to (imagefolder).")
+    crop_padding: NonNegativeInt | None = Field(None, description="Random-crop padding; None = the data set's recipe.")
+    hflip: bool | None = Field(None, description="Random horizontal flip; None = the data set's recipe.")
+    rotation: NonNegativeFloat = Field(0.0, description="Random rotation range in degrees (0 = off).")
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class ModelConfig(StrictModel):
+    """The network trained by this run (a timm or CIFAR-zoo model name)."""
+
+    name: str | None = Field(None, description="timm model name; None = the job's default.")
+
+
+class OptimConfig(StrictModel):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: PositiveFloat = 0.05
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: NonNegativeFloat = 5e-4
+    grad_clip: PositiveFloat | None = Field(None, description="Max gradient norm (None = no clipping).")
+
+
+class ScheduleConfig(StrictModel):
+    name: Literal["cosine", "multistep", "constant"] = "cosine"
+    milestones: list[PositiveInt] = Field(default_factory=list, description="Epochs at which multistep multiplies lr by gamma.")
+    gamma: PositiveFloat = 0.1
+    warmup_epochs: NonNegativeFloat = Field(0.0, description="Linear warm-up length in epochs.")
+
+
+class TrainConfig(StrictModel):
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 64
+    eval_batch_size: PositiveInt = 512
+    save_every: PositiveInt = Field(1, description="Keep checkpoints/epoch_NNNN.safetensors every K epochs.")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = False
+
+
+class MethodConfig(BaseModel):
+    """The method's name plus its hyperparameters (validated by the method itself)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "standard"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RunConfig(StrictModel):
+    job: Literal["teach", "distill"] = "teach"
+    method: MethodConfig = MethodConfig()
+    model: ModelConfig = ModelConfig()
+    teacher: Path | None = None
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def format_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line naming each bad key, why, and the value that was given."""
+    parts = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
+        given = item.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        parts.append(f"{key}: {item['msg']}{shown}")
+    return "; ".join(parts)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML, YAML or JSON config file into a plain dict."""
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise UsageError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        first_line = str(exc).splitlines()[0]
+        raise UsageError(f"cannot parse config file {path}: {first_line}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a table/mapping at the top level")
+    return data
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=VALUE``; VALUE is read as JSON when it parses, else as a string."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--set expects KEY=VALUE, got {assignment!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def set_nested(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UsageError(f"--set {'.'.join(path)}: {part} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_config(
+    *,
+    defaults: dict[str, Any] | None = None,
+    file: Path | None = None,
+    flags: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> RunConfig:
+    """Layer defaults < config file < explicit flags < ``--set`` and validate once."""
+    tree = deep_merge(defaults or {}, read_config_file(file) if file is not None else {})
+    tree = deep_merge(tree, flags or {})
+    for assignment in overrides or []:
+        path, value = parse_override(assignment)
+        set_nested(tree, path, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise UsageError(f"invalid config: {format_validation_error(exc)}") from None
+
+
+def load_resolved_config(path: Path) -> RunConfig:
+    """Read back a run's ``config.json``."""
+    try:
+        return RunConfig.model_validate_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path.parent} is not a kdcli run directory (no config.json)") from None
+    except ValidationError as exc:
+        raise UsageError(f"{path} is not a valid kdcli config: {format_validation_error(exc)}") from None

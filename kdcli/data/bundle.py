@@ -1,0 +1,72 @@
+"""In-memory data sets: uint8 image tensors, their labels, and the recipe defaults that go with them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kdcli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    """One split of a data set, held whole in memory.
+
+    ``p_star`` is the true label distribution of every input, known only for
+    generated data (the synthetic set); real data sets leave it ``None``.
+    """
+
+    images: Tensor  # uint8 [N, C, H, W]
+    targets: Tensor  # int64 [N]
+    p_star: Tensor | None = None  # float32 [N, num_classes]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.targets.shape != (len(self.images),):
+            raise ValueError(f"targets must have shape ({len(self.images)},), got {tuple(self.targets.shape)}")
+        if self.p_star is not None and len(self.p_star) != len(self.images):
+            raise ValueError(f"p_star has {len(self.p_star)} rows for {len(self.images)} images")
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def subset(self, index: Tensor) -> ImageSplit:
+        """The samples at ``index`` (int64 positions), in that order."""
+        p_star = None if self.p_star is None else self.p_star[index]
+        return ImageSplit(self.images[index], self.targets[index], p_star)
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """A data set ready for training: both splits plus what a recipe needs to know about them."""
+
+    name: str  # e.g. "synthetic", "cifar100", "imagefolder"
+    num_classes: int
+    input_size: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...]  # per channel, in the [0, 1] pixel scale
+    std: tuple[float, ...]
+    train: ImageSplit
+    test: ImageSplit
+    crop_padding: int  # recipe default for random-crop padding; 0 = no crop
+    hflip: bool  # recipe default for random horizontal flips
+
+
+def split_train_val(split: ImageSplit, fraction: float, seed: int) -> tuple[ImageSplit, ImageSplit | None]:
+    """Carve a validation split of ``round(fraction * N)`` random samples out of ``split``.
+
+    The two parts are disjoint, depend only on ``seed``, and keep the original
+    order within each part. ``fraction == 0`` returns ``(split, None)``.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise UsageError(f"validation fraction must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return split, None
+    num_val = round(fraction * len(split))
+    if not 0 < num_val < len(split):
+        raise UsageError(f"validation fraction {fraction} of {len(split)} samples leaves an empty split")
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    val_index, train_index = order[:num_val].sort().values, order[num_val:].sort().values
+    return split.subset(train_index), split.subset(val_index)

@@ -1,0 +1,103 @@
+"""Real image data sets, loaded through torchvision and held whole in memory as uint8 tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from kdcli.data.bundle import DataBundle, ImageSplit
+from kdcli.errors import KdcliError, UsageError
+
+CIFAR_STATS = {
+    10: (datasets.CIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    100: (datasets.CIFAR100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_cifar(root: Path, *, num_classes: int, download: bool) -> DataBundle:
+    """CIFAR-10 or CIFAR-100 from ``root`` (downloaded there first with ``download``), crop 4 + flip recipe."""
+    if num_classes not in CIFAR_STATS:
+        raise UsageError(f"CIFAR comes with 10 or 100 classes, not {num_classes}")
+    dataset_class, mean, std = CIFAR_STATS[num_classes]
+    train = _cifar_split(dataset_class, root, train=True, download=download)
+    test = _cifar_split(dataset_class, root, train=False, download=False)
+    return DataBundle(
+        name=f"cifar{num_classes}",
+        num_classes=num_classes,
+        input_size=(3, 32, 32),
+        mean=mean,
+        std=std,
+        train=train,
+        test=test,
+        crop_padding=4,
+        hflip=True,
+    )
+
+
+def _cifar_split(dataset_class: type[datasets.CIFAR10], root: Path, *, train: bool, download: bool) -> ImageSplit:
+    name = dataset_class.__name__.replace("CIFAR", "CIFAR-")
+    try:
+        dataset = dataset_class(str(root), train=train, download=download)
+    except RuntimeError as error:  # torchvision's "not found or corrupted" (md5 checks)
+        folder = Path(root) / dataset_class.base_folder
+        hint = "delete it and download again" if download else "pass --download to fetch it"
+        raise KdcliError(f"{name} not found or corrupted in {folder}; {hint}") from error
+    except OSError as error:  # network failures while downloading
+        raise KdcliError(f"could not download {name} into {root}: {error}") from error
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    return ImageSplit(images, torch.tensor(dataset.targets, dtype=torch.int64))
+
+
+def load_imagefolder(path: Path, *, image_size: int) -> DataBundle:
+    """An ImageNet-style tree ``path/{train,val}/<class>/<image>``, every image resized and center-cropped.
+
+    Each image's short side is resized to ``image_size`` and the center
+    ``image_size`` square is kept. The whole set is decoded once and held in
+    memory as uint8 (Tiny-ImageNet at 64 px: 1.2 GB); full ImageNet needs a
+    streaming path, which this is not. The crop padding default scales the
+    CIFAR recipe (4 px at 32 px) to the image size.
+    """
+    train_root, val_root = Path(path) / "train", Path(path) / "val"
+    for folder in (train_root, val_root):
+        if not folder.is_dir():
+            raise KdcliError(f"image folder {path} has no {folder.name}/ sub-folder (expected train/ and val/)")
+    train_set, val_set = (_image_folder(folder, image_size) for folder in (train_root, val_root))
+    if val_set.classes != train_set.classes:
+        raise KdcliError(
+            f"{val_root} holds other class folders than {train_root}; val/ needs one folder per train/ class"
+        )
+    return DataBundle(
+        name="imagefolder",
+        num_classes=len(train_set.classes),
+        input_size=(3, image_size, image_size),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        train=_decode_all(train_set, image_size),
+        test=_decode_all(val_set, image_size),
+        crop_padding=image_size // 8,
+        hflip=True,
+    )
+
+
+def _image_folder(folder: Path, image_size: int) -> datasets.ImageFolder:
+    # Decoding stays with ImageFolder's PIL loader: torchvision.io's decoders are deprecated since 0.29.
+    resize = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), v2.PILToTensor()])
+    try:
+        return datasets.ImageFolder(str(folder), transform=resize)
+    except FileNotFoundError as error:  # no class folders, or no images in one
+        raise KdcliError(f"no images found in {folder}: {error}") from error
+
+
+def _decode_all(dataset: datasets.ImageFolder, image_size: int) -> ImageSplit:
+    images = torch.empty(len(dataset), 3, image_size, image_size, dtype=torch.uint8)
+    for position, (file, _) in enumerate(dataset.samples):
+        try:
+            images[position] = dataset[position][0]
+        except OSError as error:  # PIL cannot identify or read the file
+            raise KdcliError(f"cannot decode image {file}: {error}") from error
+    return ImageSplit(images, torch.tensor(dataset.targets, dtype=torch.int64))

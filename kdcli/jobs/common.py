@@ -1,0 +1,81 @@
+"""Pieces the jobs share: resolving data sets, and models from checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ValidationError
+from torch import nn
+
+from kdcli.checkpoint import CheckpointInfo, load_checkpoint
+from kdcli.config import DataConfig, format_validation_error
+from kdcli.data.augment import BatchAugment
+from kdcli.data.bundle import DataBundle, ImageSplit, split_train_val
+from kdcli.engine import TrainingData
+from kdcli.errors import KdcliError, UsageError
+from kdcli.models import create_model
+from kdcli.registry import get_dataset_builder, load_model_plugins
+
+
+def load_data(config: DataConfig) -> DataBundle:
+    """``--data NAME[:ARG]`` through the ``kdcli.datasets`` entry points."""
+    name, _, argument = config.name.partition(":")
+    return get_dataset_builder(name)(config, argument or None)
+
+
+def training_data(bundle: DataBundle, config: DataConfig) -> TrainingData:
+    train, val = split_train_val(bundle.train, config.val_split, config.split_seed)
+    augment = BatchAugment(
+        bundle.mean,
+        bundle.std,
+        crop_padding=bundle.crop_padding if config.crop_padding is None else config.crop_padding,
+        hflip=bundle.hflip if config.hflip is None else config.hflip,
+        rotation=config.rotation,
+    )
+    return TrainingData(train=train, val=val, augment=augment, mean=bundle.mean, std=bundle.std)
+
+
+def evaluation_split(bundle: DataBundle, config: DataConfig, split: str) -> ImageSplit:
+    """``train`` and ``val`` are the same seeded partition the training run used."""
+    if split == "test":
+        return bundle.test
+    train, val = split_train_val(bundle.train, config.val_split, config.split_seed)
+    if split == "val":
+        if val is None:
+            raise UsageError("there is no validation split: the data config has val_split = 0")
+        return val
+    return train
+
+
+def check_fits(info: CheckpointInfo, bundle: DataBundle, source: Path) -> None:
+    """A checkpoint must predict this data set's classes from inputs of its shape."""
+    if info.num_classes != bundle.num_classes:
+        raise UsageError(
+            f"{source} predicts {info.num_classes} classes but data set {bundle.name} has {bundle.num_classes}"
+        )
+    if tuple(info.input_size) != tuple(bundle.input_size):
+        raise UsageError(
+            f"{source} expects inputs of shape {tuple(info.input_size)} but data set {bundle.name} "
+            f"has {tuple(bundle.input_size)}"
+        )
+
+
+def model_from_checkpoint(path: Path) -> tuple[nn.Module, CheckpointInfo]:
+    """Rebuild the model a checkpoint describes and load its weights."""
+    weights, info = load_checkpoint(path)
+    load_model_plugins()
+    model = create_model(info.arch, num_classes=info.num_classes, input_size=info.input_size)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        reason = " ".join(line.strip() for line in first[:2])
+        raise KdcliError(f"{path} does not match architecture {info.arch}: {reason}") from None
+    return model, info
+
+
+def checkpoint_data_config(info: CheckpointInfo, source: Path) -> DataConfig:
+    try:
+        return DataConfig.model_validate(info.data)
+    except ValidationError as exc:
+        raise KdcliError(f"{source} records an invalid data config: {format_validation_error(exc)}") from None

@@ -1,0 +1,66 @@
+"""``eval``: rebuild a model from its checkpoint alone and measure it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kdcli.config import TrainConfig
+from kdcli.engine import predict, setup_runtime
+from kdcli.errors import UsageError
+from kdcli.jobs.common import check_fits, checkpoint_data_config, evaluation_split, load_data, model_from_checkpoint
+from kdcli.metrics import classification_report, distance_to_true_distribution
+
+EVAL_SPLITS = ("test", "val", "train")
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    *,
+    data: str | None = None,
+    data_root: Path | None = None,
+    download: bool = False,
+    split: str = "test",
+    device: str = "auto",
+    batch_size: int = 512,
+) -> dict[str, Any]:
+    """Metrics of ``checkpoint`` on ``split`` of its own data set (or ``data``).
+
+    Where the data set knows the true label distribution p*, the distance of
+    the model's predictions to it is reported on the train and test inputs.
+    """
+    if split not in EVAL_SPLITS:
+        raise UsageError(f"--split must be one of {', '.join(EVAL_SPLITS)} (got {split!r})")
+    if batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive (got {batch_size})")
+    model, info = model_from_checkpoint(checkpoint)
+    data_config = checkpoint_data_config(info, checkpoint)
+    changes = {"name": data, "root": data_root, "download": download or None}
+    data_config = data_config.model_copy(update={key: value for key, value in changes.items() if value is not None})
+    bundle = load_data(data_config)
+    check_fits(info, bundle, checkpoint)
+    runtime = setup_runtime(TrainConfig(device=device))
+    model = model.to(runtime.device)
+
+    def logits_of(split_name: str) -> tuple[Any, Any]:
+        samples = evaluation_split(bundle, data_config, split_name)
+        logits = predict(model, samples, mean=info.mean, std=info.std, device=runtime.device, batch_size=batch_size)
+        return logits, samples
+
+    logits, samples = logits_of(split)
+    metrics = classification_report(logits, samples.targets)
+    if bundle.test.p_star is not None:
+        for name in ("train", "test"):
+            split_logits, split_samples = (logits, samples) if name == split else logits_of(name)
+            distance = distance_to_true_distribution(split_logits.softmax(dim=1), split_samples.p_star)
+            metrics.update({f"pstar_{key}_{name}": value for key, value in distance.items()})
+    return {
+        "checkpoint": str(checkpoint),
+        "arch": info.arch,
+        "method": info.method,
+        "epoch": info.epoch,
+        "data": data_config.name,
+        "split": split,
+        "num_samples": len(samples),
+        "metrics": metrics,
+    }

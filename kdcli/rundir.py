@@ -1,0 +1,81 @@
+"""A run directory's layout and its lifecycle (create, refuse, overwrite, resume)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdcli.checkpoint import atomic_write_bytes
+from kdcli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """``config.json``, ``metrics.jsonl``, ``last.safetensors``, ``resume.safetensors``, ``checkpoints/``."""
+
+    root: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def last_path(self) -> Path:
+        return self.root / "last.safetensors"
+
+    @property
+    def resume_path(self) -> Path:
+        return self.root / "resume.safetensors"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        return self.checkpoints_dir / f"epoch_{epoch:04d}.safetensors"
+
+    def saved_checkpoints(self) -> list[Path]:
+        return sorted(self.checkpoints_dir.glob("epoch_*.safetensors"))
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_bytes(self.config_path, (json.dumps(config, indent=2) + "\n").encode())
+
+    def write_history(self, records: list[dict[str, Any]]) -> None:
+        """Rewrite ``metrics.jsonl`` whole, so it always matches the resume state."""
+        text = "".join(json.dumps(record) + "\n" for record in records)
+        atomic_write_bytes(self.metrics_path, text.encode())
+
+    def read_history(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+
+def prepare_run_dir(root: Path, *, overwrite: bool) -> RunDir:
+    """A fresh run directory; an existing non-empty one is refused unless ``overwrite``."""
+    run_dir = RunDir(root)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--out {root} exists and is not a directory")
+    if root.exists() and any(root.iterdir()):
+        if not overwrite:
+            raise UsageError(f"run directory {root} already exists; pass --resume {root} to continue it or --overwrite to replace it")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def existing_run_dir(root: Path) -> RunDir:
+    """A run directory to resume: it must hold a config and a resume state."""
+    run_dir = RunDir(root)
+    if not run_dir.config_path.is_file():
+        raise UsageError(f"cannot resume {root}: not a kdcli run directory (no config.json)")
+    if not run_dir.resume_path.is_file():
+        raise UsageError(f"cannot resume {root}: no resume.safetensors yet (the run stopped before its first epoch ended)")
+    return run_dir

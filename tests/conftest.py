@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny synthetic runs trained once per session through the real CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kdcli.cli import app
+
+# A data set and model small enough that an epoch takes well under a second on 2 cores.
+TINY = [
+    "--set", "data.synthetic.num_train=480",
+    "--set", "data.synthetic.num_test=240",
+    "--batch-size", "48",
+    "-q",
+]
+
+
+def run_cli(*args: str) -> "CliResult":
+    result = CliRunner().invoke(app, [str(arg) for arg in args], catch_exceptions=False)
+    return CliResult(result.exit_code, result.stdout, result.stderr)
+
+
+class CliResult:
+    def __init__(self, exit_code: int, stdout: str, stderr: str) -> None:
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def json(self) -> dict:
+        return json.loads(self.stdout)
+
+    def __repr__(self) -> str:
+        return f"CliResult(exit_code={self.exit_code}, stdout={self.stdout[-2000:]!r}, stderr={self.stderr[-2000:]!r})"
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-epoch standard teacher (cifar_resnet14) on tiny synthetic data."""
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    result = run_cli("teach", "--model", "cifar_resnet14", "--epochs", 3, "--out", out, *TINY)
+    assert result.exit_code == 0, result
+    return out

@@ -1,0 +1,101 @@
+"""teach -> distill -> eval through the real CLI on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from conftest import TINY, run_cli
+from kdcli.checkpoint import read_checkpoint_info
+from kdcli.jobs.common import model_from_checkpoint
+
+
+def test_teach_writes_a_complete_run_directory(teacher_run: Path) -> None:
+    config = json.loads((teacher_run / "config.json").read_text())
+    assert config["method"]["name"] == "standard"
+    assert config["model"]["name"] == "cifar_resnet14"
+    records = [json.loads(line) for line in (teacher_run / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in records] == [1, 2, 3]
+    for record in records:
+        assert set(record["loss"]) == {"ce", "total"}
+        assert 0.0 <= record["val_top1"] <= 1.0 and record["time_s"] > 0 and record["lr"] > 0
+    # Training learns: the loss goes down over three epochs.
+    assert records[-1]["loss"]["total"] < records[0]["loss"]["total"]
+    saved = sorted(path.name for path in (teacher_run / "checkpoints").iterdir())
+    assert saved == ["epoch_0001.safetensors", "epoch_0002.safetensors", "epoch_0003.safetensors"]
+    assert (teacher_run / "last.safetensors").is_file() and (teacher_run / "resume.safetensors").is_file()
+    info = read_checkpoint_info(teacher_run / "last.safetensors")
+    assert (info.arch, info.num_classes, info.input_size, info.epoch, info.method) == ("cifar_resnet14", 10, (3, 16, 16), 3, "standard")
+    assert info.data["name"] == "synthetic" and "val_top1" in info.metrics
+
+
+def test_distill_and_eval_end_to_end(teacher_run: Path, tmp_path: Path) -> None:
+    student = tmp_path / "student"
+    result = run_cli(
+        "distill", "--teacher", teacher_run / "last.safetensors", "--model", "cifar_resnet8",
+        "--epochs", 2, "--out", student, "--set", "method.temperature=2", "--json", *TINY,
+    )
+    assert result.exit_code == 0, result
+    summary = result.json()
+    assert summary["method"] == "kd" and summary["teacher_arch"] == "cifar_resnet14"
+    assert set(summary["final_epoch"]["loss"]) == {"ce", "kd", "total"}
+    for report in (summary["test"], summary["teacher_test"]):
+        assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
+    assert json.loads((student / "config.json").read_text())["method"]["temperature"] == 2
+
+    evaluation = run_cli("eval", student / "last.safetensors", "--json")
+    assert evaluation.exit_code == 0, evaluation
+    report = evaluation.json()
+    metrics = report["metrics"]
+    assert report["split"] == "test" and report["num_samples"] == 240
+    assert metrics["top1"] == pytest.approx(summary["test"]["top1"])
+    for key in ("nll", "ece", "brier", "pstar_tv_train", "pstar_sq_l2_train", "pstar_tv_test", "pstar_sq_l2_test"):
+        assert math.isfinite(metrics[key]) and metrics[key] >= 0
+    assert 0 <= metrics["pstar_tv_test"] <= 1
+
+    table = run_cli("eval", student / "last.safetensors", "--split", "val")
+    assert table.exit_code == 0 and "top1" in table.stdout and "pstar_tv_train" in table.stdout
+
+
+def test_checkpoint_loads_into_plain_timm_without_kdcli(teacher_run: Path) -> None:
+    path = teacher_run / "last.safetensors"
+    weights = safetensors.torch.load_file(path)
+    model = timm.create_model("cifar_resnet14", num_classes=10)
+    model.load_state_dict(weights)  # strict: same key names, same shapes
+    model.eval()
+    kdcli_model, _ = model_from_checkpoint(path)
+    kdcli_model.eval()
+    images = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        plain = model(images)
+        assert plain.shape == (4, 10)
+        assert torch.equal(plain, kdcli_model(images))
+
+
+def test_methods_list_and_show() -> None:
+    listing = run_cli("methods", "list", "--json")
+    assert listing.exit_code == 0
+    names = {row["name"]: row for row in listing.json()}
+    assert {"standard", "kd"} <= set(names)
+    assert names["kd"]["roles"] == ["distill"] and names["kd"]["distribution"] == "kdcli"
+    shown = run_cli("methods", "show", "kd", "--json").json()
+    params = {row["name"]: row for row in shown["params"]}
+    assert params["temperature"]["default"] == 4.0 and params["kl_reduction"]["default"] == "batchmean"
+    assert params["ce_weight"]["default"] == 0.1 and params["kd_weight"]["default"] == 0.9
+
+
+def test_config_file_and_set_layering(tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text('[train]\nepochs = 1\n[optim]\nlr = 0.02\n[model]\nname = "cifar_resnet8"\n')
+    out = tmp_path / "run"
+    result = run_cli("teach", "--config", config, "--lr", "0.03", "--set", "optim.momentum=0.8", "--out", out, *TINY)
+    assert result.exit_code == 0, result
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["train"]["epochs"] == 1 and resolved["optim"]["lr"] == 0.03 and resolved["optim"]["momentum"] == 0.8
+    assert resolved["model"]["name"] == "cifar_resnet8"
