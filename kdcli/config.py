@@ -23,6 +23,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    model_validator,
 )
 
 from kdcli.errors import UsageError
@@ -98,6 +99,16 @@ class TrainConfig(StrictModel):
     channels_last: bool = False
     compile: bool = False
     deterministic: bool = False
+    keep_best: bool = Field(False, description="Also keep best.safetensors, the epoch with the highest val top-1.")
+    early_stop_patience: PositiveInt | None = Field(
+        None, description="Stop after this many epochs without a better val top-1 (implies keep_best)."
+    )
+
+    @model_validator(mode="after")
+    def _selection_needs_best(self) -> TrainConfig:
+        if self.early_stop_patience is not None:
+            self.keep_best = True
+        return self
 
 
 class MethodConfig(BaseModel):
@@ -121,6 +132,12 @@ class RunConfig(StrictModel):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _best_needs_validation(self) -> RunConfig:
+        if self.train.keep_best and self.data.val_split == 0:
+            raise ValueError("train.keep_best and train.early_stop_patience select on the validation split; set data.val_split above 0")
+        return self
 
 
 def format_validation_error(error: ValidationError, prefix: str = "") -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
@@ -178,17 +179,32 @@ class TrainingData:
 
 
 def method_context(config: RunConfig, data: TrainingData, runtime: Runtime, num_classes: int) -> MethodContext:
-    steps = len(BatchLoader(data.train, batch_size=config.train.batch_size, shuffle=True, device=torch.device("cpu"), num_replicas=runtime.world_size, rank=runtime.rank))
+    train = config.train
+    steps = len(BatchLoader(data.train, batch_size=train.batch_size, shuffle=True, device=torch.device("cpu"), num_replicas=runtime.world_size, rank=runtime.rank))
+    splits = {"train": data.train, "val": data.val}
+
+    def batches(split: str, *, shuffle: bool = False, augment: bool = False, batch_size: int | None = None, seed: int = 0) -> Iterator[Batch]:
+        samples = splits[split]
+        if samples is None:
+            raise KdcliError("this method needs a validation split: set --val-split above 0")
+        loader = BatchLoader(samples, batch_size=batch_size or train.batch_size, shuffle=shuffle, device=runtime.device, seed=seed)
+        generator = torch.Generator(runtime.device).manual_seed(seed)
+        for images, targets, index in loader:
+            inputs = data.augment(images, generator) if augment else normalize(images, data.mean, data.std)
+            yield Batch(inputs, targets, index)
+
     return MethodContext(
         num_classes=num_classes,
         num_train=len(data.train),
-        epochs=config.train.epochs,
+        epochs=train.epochs,
         steps_per_epoch=steps,
         device=runtime.device,
         mean=data.mean,
         std=data.std,
         world_size=runtime.world_size,
         all_gather=runtime.all_gather,
+        batches=batches,
+        has_val=data.val is not None,
     )
 
 
@@ -237,6 +253,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.autocast_dtype is torch.float16)
         self.history: list[dict[str, Any]] = []
+        self.best = {"epoch": 0, "val_top1": -1.0}
         self.start_epoch = 1
 
     # -- resume state -------------------------------------------------------------
@@ -250,6 +267,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "method": self.method.state_dict(),
             "history": self.history,
+            "best": self.best,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -259,6 +277,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.method.load_state_dict(state["method"])
         self.history = list(state["history"])
+        self.best = dict(state["best"])
         self.start_epoch = int(state["epoch"]) + 1
 
     # -- the loop -----------------------------------------------------------------
@@ -276,10 +295,20 @@ class Trainer:
                 ) from None
             record.update(self.validate())
             record["method"] = {**record.get("method", {}), **self.method.on_epoch_end(epoch)}
+            improved = "val_top1" in record and record["val_top1"] > self.best["val_top1"]
+            if improved:
+                self.best = {"epoch": epoch, "val_top1": record["val_top1"]}
             self.history.append(record)
-            self.save(epoch, record)
+            self.save(epoch, record, improved=improved)
             self.console.print(_epoch_line(record, epochs))
+            if self._patience_exhausted(epoch):
+                self.console.print(f"early stop: no better val top-1 since epoch {self.best['epoch']}")
+                break
         return self.history
+
+    def _patience_exhausted(self, epoch: int) -> bool:
+        patience = self.config.train.early_stop_patience
+        return patience is not None and epoch - self.best["epoch"] >= patience
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         runtime, train = self.runtime, self.config.train
@@ -357,7 +386,8 @@ class Trainer:
         totals = torch.zeros(3, device=self.runtime.device)  # correct, nll sum, count
         with torch.inference_mode(), self.runtime.autocast():
             for images, targets, _ in self.val_loader:
-                logits = self.method.student(normalize(images, self.data.mean, self.data.std)).float()
+                inputs = self.method.eval_inputs(normalize(images, self.data.mean, self.data.std))
+                logits = self.method.student(inputs).float()
                 totals[0] += logits.argmax(dim=1).eq(targets).sum()
                 totals[1] += nn.functional.cross_entropy(logits, targets, reduction="sum")
                 totals[2] += targets.shape[0]
@@ -376,7 +406,7 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------
 
-    def save(self, epoch: int, record: dict[str, Any]) -> None:
+    def save(self, epoch: int, record: dict[str, Any], *, improved: bool) -> None:
         """Resume state first, then the deployable checkpoints: a crash between them costs nothing."""
         if not self.runtime.is_main:
             return
@@ -385,6 +415,8 @@ class Trainer:
         info = replace(self.checkpoint_template, epoch=epoch, metrics=metrics)
         weights = self.student.state_dict()
         save_checkpoint(self.run_dir.last_path, weights, info)
+        if improved and self.config.train.keep_best:
+            save_checkpoint(self.run_dir.best_path, weights, info)
         if epoch % self.config.train.save_every == 0 or epoch == self.config.train.epochs:
             save_checkpoint(self.run_dir.epoch_checkpoint(epoch), weights, info)
         self.run_dir.write_history(self.history)

@@ -20,9 +20,9 @@ Plugins import from this module, :mod:`kdcli.losses` and torch only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -58,6 +58,24 @@ class StepOutput:
     logs: dict[str, Tensor | float] = field(default_factory=dict)
 
 
+class BatchSource(Protocol):
+    """Iterate a whole split (every rank sees all of it), e.g. for class means or a held-out loss."""
+
+    def __call__(
+        self,
+        split: Literal["train", "val"],
+        *,
+        shuffle: bool = False,
+        augment: bool = False,
+        batch_size: int | None = None,
+        seed: int = 0,
+    ) -> Iterator[Batch]: ...
+
+
+def _no_batches(split: str, **options: Any) -> Iterator[Batch]:
+    raise RuntimeError("this MethodContext was built without data access")
+
+
 @dataclass(frozen=True)
 class MethodContext:
     """Facts about the run a method may need; built by the engine's caller."""
@@ -71,6 +89,8 @@ class MethodContext:
     std: tuple[float, ...]
     world_size: int = 1
     all_gather: Callable[[Tensor], Tensor] = lambda tensor: tensor  # concatenates along dim 0 across ranks
+    batches: BatchSource = _no_batches  # "val" exists only when the run holds out a validation split
+    has_val: bool = False
 
 
 class Method:
@@ -108,6 +128,10 @@ class Method:
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Extra modules optimized together with the student (not deployed)."""
         return {}
+
+    def eval_inputs(self, inputs: Tensor) -> Tensor:
+        """What per-epoch validation feeds the student (e.g. a noisy view); default: unchanged."""
+        return inputs
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before the first step of ``epoch`` (1-based)."""

@@ -14,7 +14,7 @@ from kdcli.errors import UsageError
 
 @dataclass(frozen=True)
 class RunDir:
-    """``config.json``, ``metrics.jsonl``, ``last.safetensors``, ``resume.safetensors``, ``checkpoints/``."""
+    """``config.json``, ``metrics.jsonl``, ``last.safetensors``, ``best.safetensors``, ``resume.safetensors``, ``checkpoints/``."""
 
     root: Path
 
@@ -29,6 +29,10 @@ class RunDir:
     @property
     def last_path(self) -> Path:
         return self.root / "last.safetensors"
+
+    @property
+    def best_path(self) -> Path:
+        return self.root / "best.safetensors"
 
     @property
     def resume_path(self) -> Path:

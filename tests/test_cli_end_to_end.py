@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,40 @@ def test_config_file_and_set_layering(tmp_path: Path) -> None:
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["train"]["epochs"] == 1 and resolved["optim"]["lr"] == 0.03 and resolved["optim"]["momentum"] == 0.8
     assert resolved["model"]["name"] == "cifar_resnet8"
+
+
+def test_keep_best_and_early_stopping(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    # lr 1.5 makes validation accuracy stall quickly, so patience 1 stops before 6 epochs.
+    result = run_cli(
+        "teach", "--model", "cifar_resnet8", "--epochs", 6, "--lr", "1.5", "--set", "train.early_stop_patience=1",
+        "--out", out, "--json", *TINY,
+    )
+    assert result.exit_code == 0, result
+    summary = result.json()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best = max(records, key=lambda record: record["val_top1"])
+    assert summary["best_epoch"] == best["epoch"]
+    assert len(records) == best["epoch"] + 1 or len(records) == 6
+    assert read_checkpoint_info(out / "best.safetensors").epoch == best["epoch"]
+    assert summary["epochs"] == len(records)
+
+
+def test_keep_best_needs_a_validation_split(tmp_path: Path) -> None:
+    result = run_cli("teach", "--val-split", "0", "--set", "train.keep_best=true", "--out", tmp_path / "r", *TINY)
+    assert result.exit_code == 2 and "data.val_split above 0" in result.stderr
+
+
+def test_timm_checkpoint_loads_in_a_process_without_kdcli(tmp_path: Path) -> None:
+    out = tmp_path / "timm_run"
+    assert run_cli("teach", "--model", "resnet10t", "--epochs", 1, "--out", out, *TINY).exit_code == 0
+    script = (
+        "import sys, timm, torch, safetensors.torch\n"
+        "model = timm.create_model('resnet10t', num_classes=10)\n"
+        f"model.load_state_dict(safetensors.torch.load_file({str(out / 'last.safetensors')!r}))\n"
+        "assert not any(name.startswith('kdcli') for name in sys.modules)\n"
+        "print(model.eval()(torch.rand(2, 3, 16, 16)).shape)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert "torch.Size([2, 10])" in completed.stdout

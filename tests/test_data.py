@@ -25,6 +25,7 @@ from kdcli.errors import KdcliError
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CPU = torch.device("cpu")
 
 
 def random_images(count: int, size: int = 8, seed: int = 0) -> torch.Tensor:
@@ -208,6 +209,9 @@ def test_load_imagefolder_needs_train_and_val(tmp_path: Path) -> None:
     (tmp_path / "val" / "cat").mkdir(parents=True)
     with pytest.raises(KdcliError, match="no images found"):
         load_imagefolder(tmp_path, image_size=8)
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "cat" / "0.png")
+    with pytest.raises(KdcliError, match="other class folders"):
+        load_imagefolder(tmp_path, image_size=8)
 
 
 # --- augmentation ----------------------------------------------------------------------------------
@@ -237,12 +241,12 @@ def test_crop_padded_matches_torchvision_crop() -> None:
 def test_augment_crops_each_sample_at_its_own_offset() -> None:
     images, padding = random_images(32), 2
     out = BatchAugment(MEAN, STD, crop_padding=padding, hflip=False)(images, torch.Generator().manual_seed(0))
-    offsets = torch.arange(2 * padding + 1)
+    offsets = [(top, left) for top in range(2 * padding + 1) for left in range(2 * padding + 1)]
     found = []
     for i in range(len(images)):
-        candidates = [(int(t), int(l)) for t in offsets for l in offsets]
-        crops = [crop_padded(images[i : i + 1], padding, torch.tensor([t]), torch.tensor([l])) for t, l in candidates]
-        matches = [c for c, crop in zip(candidates, crops) if torch.equal(normalize(crop, MEAN, STD)[0], out[i])]
+        sample = images[i : i + 1]
+        crops = [crop_padded(sample, padding, torch.tensor([t]), torch.tensor([l])) for t, l in offsets]
+        matches = [o for o, crop in zip(offsets, crops) if torch.equal(normalize(crop, MEAN, STD)[0], out[i])]
         assert matches, f"sample {i} is no padded crop of its input"
         found.append(matches[0])
     assert len(set(found)) > 5
@@ -266,7 +270,8 @@ def test_rotate_matches_torchvision() -> None:
 
 def test_augment_rotates_per_sample() -> None:
     images = random_images(1).expand(16, -1, -1, -1)
-    out = BatchAugment(MEAN, STD, crop_padding=0, hflip=False, rotation=30.0)(images, torch.Generator().manual_seed(0))
+    augment = BatchAugment(MEAN, STD, crop_padding=0, hflip=False, rotation=30.0)
+    out = augment(images, torch.Generator().manual_seed(0))
     assert len({tuple(o.flatten().tolist()) for o in out}) > 8
 
 
@@ -277,6 +282,7 @@ def test_augment_is_seeded_and_keeps_shape_and_device(device: str) -> None:
     first, again, other = (augment(images, torch.Generator().manual_seed(s)) for s in (1, 1, 2))
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert first.dtype == torch.float32 and first.shape == images.shape and first.device == images.device
+    assert augment(images).shape == images.shape  # no generator: the global RNG
 
 
 # --- loader ----------------------------------------------------------------------------------------
@@ -294,7 +300,7 @@ def make_split(count: int) -> ImageSplit:
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_loader_covers_every_index_once(shuffle: bool) -> None:
     split = make_split(130)
-    loader = BatchLoader(split, batch_size=32, shuffle=shuffle, device=torch.device("cpu"))
+    loader = BatchLoader(split, batch_size=32, shuffle=shuffle, device=CPU)
     batches = list(loader)
     assert len(batches) == len(loader) == 5
     assert sorted(i for _, _, index in batches for i in index.tolist()) == list(range(130))
@@ -305,17 +311,15 @@ def test_loader_covers_every_index_once(shuffle: bool) -> None:
 
 def test_loader_drops_a_final_single_sample_only_when_shuffling() -> None:
     split = make_split(65)
-    assert len(BatchLoader(split, batch_size=32, shuffle=True, device=torch.device("cpu"))) == 2
-    assert [len(i) for _, _, i in BatchLoader(split, batch_size=32, shuffle=False, device=torch.device("cpu"))] == [
-        32,
-        32,
-        1,
-    ]
+    shuffled = BatchLoader(split, batch_size=32, shuffle=True, device=CPU)
+    in_order = BatchLoader(split, batch_size=32, shuffle=False, device=CPU)
+    assert len(shuffled) == 2 and [len(index) for _, _, index in shuffled] == [32, 32]
+    assert len(in_order) == 3 and [len(index) for _, _, index in in_order] == [32, 32, 1]
 
 
 def test_loader_order_is_a_function_of_seed_and_epoch() -> None:
     def loader(seed: int) -> BatchLoader:
-        return BatchLoader(make_split(100), batch_size=16, shuffle=True, device=torch.device("cpu"), seed=seed)
+        return BatchLoader(make_split(100), batch_size=16, shuffle=True, device=CPU, seed=seed)
 
     assert epoch_order(loader(0), 0) != epoch_order(loader(0), 1)
     assert epoch_order(loader(0), 3) == epoch_order(loader(0), 3)  # a resumed run sees the same epoch
@@ -323,12 +327,10 @@ def test_loader_order_is_a_function_of_seed_and_epoch() -> None:
 
 
 def test_two_replicas_partition_an_epoch() -> None:
-    shards = [
-        epoch_order(
-            BatchLoader(make_split(100), batch_size=16, shuffle=True, device=torch.device("cpu"), num_replicas=2, rank=r),
-            epoch=2,
-        )
-        for r in (0, 1)
+    replicas = [
+        BatchLoader(make_split(100), batch_size=16, shuffle=True, device=CPU, num_replicas=2, rank=rank)
+        for rank in (0, 1)
     ]
+    shards = [epoch_order(replica, epoch=2) for replica in replicas]
     assert len(shards[0]) == len(shards[1]) == 50
     assert sorted(shards[0] + shards[1]) == list(range(100))

@@ -47,12 +47,11 @@ def rotate(images: Tensor, degrees: Tensor) -> Tensor:
     height, width = images.shape[-2:]
     radians = torch.deg2rad(degrees.float())
     cos, sin = radians.cos(), radians.sin()
-    zero = torch.zeros_like(cos)
     # Output pixel -> input pixel in affine_grid's [-1, 1] coordinates; the H/W
     # factors undo the different scaling of x and y on non-square images.
-    theta = torch.stack(
-        [torch.stack([cos, -sin * height / width, zero], 1), torch.stack([sin * width / height, cos, zero], 1)], 1
-    )
+    theta = torch.zeros(len(images), 2, 3, device=images.device)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * height / width
+    theta[:, 1, 0], theta[:, 1, 1] = sin * width / height, cos
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     rotated = F.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return rotated.to(images.dtype)
@@ -112,5 +111,7 @@ def _uniform(size: int, generator: torch.Generator | None, device: torch.device)
     return torch.rand(size, generator=generator, device=_draw_device(generator, device)).to(device)
 
 
-def _uniform_ints(high: int, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+def _uniform_ints(
+    high: int, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> Tensor:
     return torch.randint(high, shape, generator=generator, device=_draw_device(generator, device)).to(device)

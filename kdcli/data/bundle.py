@@ -23,12 +23,14 @@ class ImageSplit:
     p_star: Tensor | None = None  # float32 [N, num_classes]
 
     def __post_init__(self) -> None:
+        count = len(self.images)
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
-        if self.targets.shape != (len(self.images),):
-            raise ValueError(f"targets must have shape ({len(self.images)},), got {tuple(self.targets.shape)}")
-        if self.p_star is not None and len(self.p_star) != len(self.images):
-            raise ValueError(f"p_star has {len(self.p_star)} rows for {len(self.images)} images")
+            shape = list(self.images.shape)
+            raise ValueError(f"images must be uint8 [N, C, H, W], not {self.images.dtype} {shape}")
+        if self.targets.shape != (count,):
+            raise ValueError(f"targets must have shape [{count}], not {list(self.targets.shape)}")
+        if self.p_star is not None and len(self.p_star) != count:
+            raise ValueError(f"p_star has {len(self.p_star)} rows for {count} images")
 
     def __len__(self) -> int:
         return len(self.targets)

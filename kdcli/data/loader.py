@@ -19,7 +19,7 @@ from kdcli.errors import UsageError
 
 
 class BatchLoader:
-    """Yields ``(images_uint8, targets, index)`` on ``device``; ``index`` holds int64 positions into the split.
+    """Yields ``(images_uint8, targets, index)`` on ``device``; ``index``: int64 positions into the split.
 
     With ``num_replicas > 1`` each rank gets a disjoint shard of every epoch
     (DistributedSampler pads the epoch with repeats to make the shards equal).

@@ -105,7 +105,9 @@ def _check_arguments(
     if image_size % patch_size:
         raise UsageError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     if features_per_input > (image_size // patch_size) ** 2:
-        raise UsageError(f"{features_per_input} features do not fit in a {image_size}px image of {patch_size}px patches")
+        raise UsageError(
+            f"{features_per_input} features do not fit in a {image_size}px image of {patch_size}px patches"
+        )
     if vocab_size % num_classes or vocab_size // num_classes < features_per_input:
         raise UsageError(
             f"vocab_size must be a multiple of num_classes with at least features_per_input "
@@ -149,7 +151,7 @@ def _sample_features(
     vocabulary: _Vocabulary, size: int, features_per_input: int, generator: torch.Generator
 ) -> Tensor:
     """int64 [size, m]: m distinct features per input, all of one uniformly drawn topic."""
-    num_classes = len(vocabulary.label_distributions) // len(vocabulary.rank_weights)
+    num_classes = vocabulary.label_distributions.shape[1]
     topics = torch.randint(num_classes, (size, 1), generator=generator)
     ranks = torch.multinomial(
         vocabulary.rank_weights.expand(size, -1), features_per_input, replacement=False, generator=generator

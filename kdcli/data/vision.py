@@ -20,7 +20,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_cifar(root: Path, *, num_classes: int, download: bool) -> DataBundle:
-    """CIFAR-10 or CIFAR-100 from ``root`` (downloaded there first with ``download``), crop 4 + flip recipe."""
+    """CIFAR-10 or CIFAR-100 from ``root``, fetched there first when ``download``; crop 4 + flip recipe."""
     if num_classes not in CIFAR_STATS:
         raise UsageError(f"CIFAR comes with 10 or 100 classes, not {num_classes}")
     dataset_class, mean, std = CIFAR_STATS[num_classes]
@@ -39,7 +39,9 @@ def load_cifar(root: Path, *, num_classes: int, download: bool) -> DataBundle:
     )
 
 
-def _cifar_split(dataset_class: type[datasets.CIFAR10], root: Path, *, train: bool, download: bool) -> ImageSplit:
+def _cifar_split(
+    dataset_class: type[datasets.CIFAR10], root: Path, *, train: bool, download: bool
+) -> ImageSplit:
     name = dataset_class.__name__.replace("CIFAR", "CIFAR-")
     try:
         dataset = dataset_class(str(root), train=train, download=download)
@@ -65,11 +67,12 @@ def load_imagefolder(path: Path, *, image_size: int) -> DataBundle:
     train_root, val_root = Path(path) / "train", Path(path) / "val"
     for folder in (train_root, val_root):
         if not folder.is_dir():
-            raise KdcliError(f"image folder {path} has no {folder.name}/ sub-folder (expected train/ and val/)")
+            raise KdcliError(f"image folder {path} has no {folder.name}/ sub-folder (needs train/ and val/)")
     train_set, val_set = (_image_folder(folder, image_size) for folder in (train_root, val_root))
     if val_set.classes != train_set.classes:
         raise KdcliError(
             f"{val_root} holds other class folders than {train_root}; val/ needs one folder per train/ class"
+            " (Tiny-ImageNet: sort val/images into class folders by val_annotations.txt first)"
         )
     return DataBundle(
         name="imagefolder",

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from kdcli.checkpoint import CheckpointInfo, load_state
+from kdcli.checkpoint import CheckpointInfo, load_checkpoint, load_state
 from kdcli.config import RunConfig, format_validation_error, load_resolved_config
 from kdcli.engine import Trainer, method_context, predict, prepare_student, prepare_teacher, setup_runtime
 from kdcli.errors import UsageError
@@ -28,6 +28,7 @@ class TrainingSummary:
     run_dir: Path
     config: RunConfig
     history: list[dict[str, Any]]
+    best_epoch: int | None
     test: dict[str, float]
     teacher_test: dict[str, float] | None
     teacher_arch: str | None
@@ -42,6 +43,7 @@ class TrainingSummary:
             "teacher_arch": self.teacher_arch,
             "epochs": len(self.history),
             "final_epoch": self.history[-1] if self.history else None,
+            "best_epoch": self.best_epoch,
             "test": self.test,
             "teacher_test": self.teacher_test,
         }
@@ -130,6 +132,10 @@ def run_training(
     if resume_state is not None:
         trainer.restore(resume_state)
     history = trainer.fit()
+    if config.train.keep_best:
+        # The deployable result of a run with model selection is its best epoch, not its last.
+        best_weights, _ = load_checkpoint(run_dir.best_path)
+        trainer.student.load_state_dict(best_weights)
 
     def test_report(model: torch.nn.Module) -> dict[str, float]:
         logits = predict(model, bundle.test, mean=bundle.mean, std=bundle.std, device=runtime.device, batch_size=config.train.eval_batch_size)
@@ -139,6 +145,7 @@ def run_training(
         run_dir=run_dir.root,
         config=config,
         history=history,
+        best_epoch=trainer.best["epoch"] if config.train.keep_best else None,
         test=test_report(trainer.student),
         teacher_test=None if teacher is None else test_report(method.teacher),
         teacher_arch=teacher_arch,
