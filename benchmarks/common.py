@@ -1,0 +1,43 @@
+"""Shared timing and reporting for the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def machine() -> str:
+    """One line naming the hardware the numbers were measured on."""
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = platform.processor() or platform.machine()
+    return f"{device}; torch {torch.__version__}; {torch.get_num_threads()} threads; {os.cpu_count()} cpus"
+
+
+def seconds_per_call(function: Callable[[], object], *, warmup: int = 3, repeats: int = 20) -> float:
+    """Median wall time of ``function`` after ``warmup`` calls (synchronizing CUDA)."""
+    for _ in range(warmup):
+        function()
+    timings = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        function()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - started)
+    timings.sort()
+    return timings[len(timings) // 2]
+
+
+def report(name: str, baseline_label: str, baseline: float, candidate_label: str, candidate: float, unit: str = "s/step", target: str = "") -> None:
+    """``name: baseline X unit, candidate Y unit, ratio Y/X [target]`` on one line."""
+    ratio = candidate / baseline
+    suffix = f"  (target {target})" if target else ""
+    print(f"{name}: {baseline_label} {baseline:.4g} {unit}, {candidate_label} {candidate:.4g} {unit}, ratio {ratio:.3f}x{suffix}", flush=True)
