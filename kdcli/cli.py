@@ -10,6 +10,7 @@ import functools
 import inspect
 import json
 import os
+import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer._click import exceptions as click_exceptions  # Typer vendors click since 0.29
+from typer.core import TyperGroup
 
 from kdcli import __version__
 from kdcli.config import build_config
@@ -27,7 +30,31 @@ from kdcli.jobs.train import TrainingSummary, run_training
 from kdcli.method import Method
 from kdcli.registry import get_method, method_plugins
 
+class KdcliGroup(TyperGroup):
+    """Click's usage errors as one ``kdcli: error:`` line, like every other failure."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exceptions.NoArgsIsHelpError as exc:
+            # Called without arguments: rich has already printed the help; plain click returns it.
+            if exc.format_message().strip():
+                exc.show()
+            result = exc.exit_code
+        except click_exceptions.ClickException as exc:
+            command = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "kdcli"
+            message = " ".join(exc.format_message().split())
+            stderr.print(f"kdcli: error: {message} (see '{command} --help')", markup=False, soft_wrap=True)
+            result = exc.exit_code
+        except typer.Abort:
+            result = 1
+        if not standalone_mode:
+            return result
+        sys.exit(result if isinstance(result, int) else 0)
+
+
 app = typer.Typer(
+    cls=KdcliGroup,
     name="kdcli",
     help="Knowledge distillation from the command line: teach a teacher, distill a student, evaluate, sweep.",
     no_args_is_help=True,

@@ -103,3 +103,22 @@ def test_unknown_data_set_and_eval_split(teacher_run: Path, tmp_path: Path) -> N
 def test_resume_rejects_other_flags_and_non_run_dirs(teacher_run: Path, tmp_path: Path) -> None:
     assert_clean_error(run_cli("teach", "--resume", teacher_run, "--epochs", 5), 2, "drop --epochs")
     assert_clean_error(run_cli("teach", "--resume", tmp_path), 2, "not a kdcli run directory")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["teach", "--epochs", "x"], "--epochs"),
+        (["teach", "--bogus"], "No such option: --bogus"),
+        (["distill", "--teacher"], "--teacher"),
+        (["eval"], "Missing argument"),
+        (["methods", "show"], "Missing argument"),
+        (["nosuchcommand"], "No such command"),
+    ],
+)
+def test_usage_errors_are_one_line(args: list[str], fragment: str) -> None:
+    assert_clean_error(run_cli(*args), 2, fragment)
+
+
+def test_unknown_method_in_methods_show() -> None:
+    assert_clean_error(run_cli("methods", "show", "kdd"), 2, "unknown method 'kdd'", "kd")
