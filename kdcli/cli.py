@@ -169,6 +169,8 @@ def _default_out(job: str, method: str) -> Path:
 
 
 def _print_summary(summary: TrainingSummary, *, as_json: bool) -> None:
+    if not summary.is_main:
+        return  # under torchrun only rank 0 reports
     if as_json:
         stdout.print_json(json.dumps(summary.as_dict()))
         return

@@ -57,10 +57,24 @@ class Runtime:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def per_rank_batch_size(self, global_batch_size: int) -> int:
+        """``--batch-size`` is global: each of the world's processes takes an equal share."""
+        if global_batch_size % self.world_size:
+            raise KdcliError(
+                f"--batch-size {global_batch_size} is the global batch and must divide evenly over {self.world_size} processes"
+            )
+        return global_batch_size // self.world_size
+
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         if self.distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def shutdown(self) -> None:
+        """Leave the process group (torchrun warns about processes that do not)."""
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     def all_gather(self, tensor: Tensor) -> Tensor:
         """Concatenate equally shaped tensors from every rank along dim 0."""
@@ -178,9 +192,17 @@ class TrainingData:
     std: tuple[float, ...]
 
 
+def training_loader(split: ImageSplit, train: TrainConfig, runtime: Runtime) -> BatchLoader:
+    """This process's shard of every epoch, in the seeded order of ``train.seed``."""
+    return BatchLoader(
+        split, batch_size=runtime.per_rank_batch_size(train.batch_size), shuffle=True, device=runtime.device,
+        seed=train.seed, num_replicas=runtime.world_size, rank=runtime.rank,
+    )
+
+
 def method_context(config: RunConfig, data: TrainingData, runtime: Runtime, num_classes: int) -> MethodContext:
     train = config.train
-    steps = len(BatchLoader(data.train, batch_size=train.batch_size, shuffle=True, device=torch.device("cpu"), num_replicas=runtime.world_size, rank=runtime.rank))
+    steps = len(training_loader(data.train, train, runtime))
     splits = {"train": data.train, "val": data.val}
 
     def batches(split: str, *, shuffle: bool = False, augment: bool = False, batch_size: int | None = None, seed: int = 0) -> Iterator[Batch]:
@@ -237,10 +259,7 @@ class Trainer:
         self.extra_modules = nn.ModuleDict(method.trainable_modules()).to(runtime.device)
         self.parameters = [*self.student.parameters(), *self.extra_modules.parameters()]
         train = config.train
-        self.train_loader = BatchLoader(
-            data.train, batch_size=train.batch_size, shuffle=True, device=runtime.device,
-            seed=train.seed, num_replicas=runtime.world_size, rank=runtime.rank,
-        )
+        self.train_loader = training_loader(data.train, train, runtime)
         self.val_loader = None if data.val is None else BatchLoader(
             data.val, batch_size=train.eval_batch_size, shuffle=False, device=runtime.device,
             num_replicas=runtime.world_size, rank=runtime.rank,

@@ -26,6 +26,7 @@ DEFAULT_MODELS = {"teach": "cifar_resnet20", "distill": "cifar_resnet8"}
 @dataclass
 class TrainingSummary:
     run_dir: Path
+    is_main: bool
     config: RunConfig
     history: list[dict[str, Any]]
     best_epoch: int | None
@@ -141,8 +142,9 @@ def run_training(
         logits = predict(model, bundle.test, mean=bundle.mean, std=bundle.std, device=runtime.device, batch_size=config.train.eval_batch_size)
         return classification_report(logits, bundle.test.targets)
 
-    return TrainingSummary(
+    summary = TrainingSummary(
         run_dir=run_dir.root,
+        is_main=runtime.is_main,
         config=config,
         history=history,
         best_epoch=trainer.best["epoch"] if config.train.keep_best else None,
@@ -150,3 +152,5 @@ def run_training(
         teacher_test=None if teacher is None else test_report(method.teacher),
         teacher_arch=teacher_arch,
     )
+    runtime.shutdown()
+    return summary
