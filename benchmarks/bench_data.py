@@ -1,0 +1,90 @@
+"""Data path: kdcli's in-memory batched augmentation against the KD anchors' pipeline.
+
+The anchors (RepDistiller, mdistiller) read CIFAR through a torchvision dataset
+that builds one PIL image per sample, apply RandomCrop(32, 4) +
+RandomHorizontalFlip + ToTensor + Normalize per image, and batch with a
+DataLoader and worker processes.  kdcli keeps the uint8 set on the training
+device and crops/flips whole batches there.  Both produce normalized float
+batches on the training device; images per second over one epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from benchmarks.common import report
+from kdcli.data.augment import BatchAugment
+from kdcli.data.bundle import ImageSplit
+from kdcli.data.loader import BatchLoader
+
+NUM_IMAGES = 10_000
+BATCH_SIZE = 64
+MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+class PilCifar(Dataset):
+    """What ``torchvision.datasets.CIFAR100.__getitem__`` does, over an in-memory HWC array."""
+
+    def __init__(self, images_hwc: np.ndarray, targets: list[int], transform: transforms.Compose) -> None:
+        self.images, self.targets, self.transform = images_hwc, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.images[index])), self.targets[index]
+
+
+def anchor_images_per_second(images_hwc: np.ndarray, targets: list[int], device: torch.device) -> float:
+    transform = transforms.Compose([
+        transforms.RandomCrop(32, padding=4),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])
+    workers = min(4, os.cpu_count() or 1)
+    loader = DataLoader(PilCifar(images_hwc, targets, transform), batch_size=BATCH_SIZE, shuffle=True, num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)
+    started = time.perf_counter()
+    seen = 0
+    for inputs, labels in loader:
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        seen += len(labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - started)
+
+
+def kdcli_images_per_second(split: ImageSplit, device: torch.device) -> float:
+    augment = BatchAugment(MEAN, STD, crop_padding=4, hflip=True)
+    loader = BatchLoader(split, batch_size=BATCH_SIZE, shuffle=True, device=device)
+    generator = torch.Generator(device).manual_seed(0)
+    loader.set_epoch(0)
+    started = time.perf_counter()
+    seen = 0
+    for images, targets, _ in loader:
+        augment(images, generator)
+        seen += len(targets)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - started)
+
+
+def main() -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (NUM_IMAGES, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    targets = torch.randint(0, 100, (NUM_IMAGES,), generator=generator)
+    anchor = anchor_images_per_second(images.permute(0, 2, 3, 1).numpy(), targets.tolist(), device)
+    ours = kdcli_images_per_second(ImageSplit(images, targets), device)
+    report(f"data path (CIFAR-size, {NUM_IMAGES} images, batch {BATCH_SIZE}, crop+flip+normalize on {device.type})", "DataLoader+PIL", anchor, "kdcli in-memory", ours, unit="images/s")
+
+
+if __name__ == "__main__":
+    main()
