@@ -121,7 +121,7 @@ def test_broken_plugins_are_reported_but_harmless(distributions: Distributions, 
 
 
 INCOMPATIBLE = '''
-from kdcli.method import Method, StepOutput
+from kdcli.method import Method
 
 class FromTheFuture(Method):
     api_version = "2.0"

@@ -41,12 +41,21 @@ SHOWN_NAMES = 4
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model expects: explicit values win over ``--data``, which wins over the arch's defaults."""
+    """What the user said the model expects; None = infer (from the weights, ``--data`` or the arch)."""
 
     num_classes: int | None = None
     input_size: tuple[int, int, int] | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """The input shape and normalization recorded in the checkpoint."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -101,19 +110,19 @@ def convert_checkpoint(
 
     require_model(arch)
     num_classes = infer_num_classes(arch, weights, spec.num_classes, source)
-    data_config, resolved = resolve_inputs(arch, num_classes, data, data_root, download, spec, source)
+    data_config, inputs = resolve_inputs(arch, num_classes, data, data_root, download, spec, source)
 
-    model = new_model(arch, num_classes=num_classes, input_size=resolved.input_size)
+    model = new_model(arch, num_classes=num_classes, input_size=inputs.input_size)
     check_fit(model, weights, arch, source)
     model.load_state_dict(weights)
-    check_forward(model, arch, resolved.input_size, num_classes)
+    check_forward(model, arch, inputs.input_size, num_classes)
 
     info = CheckpointInfo(
         arch=arch,
         num_classes=num_classes,
-        input_size=resolved.input_size,
-        mean=resolved.mean,
-        std=resolved.std,
+        input_size=inputs.input_size,
+        mean=inputs.mean,
+        std=inputs.std,
         method=METHOD,
         epoch=_epoch_of(loaded),
         data=data_config,
@@ -279,8 +288,12 @@ def resolve_inputs(
     download: bool,
     spec: InputSpec,
     source: Path,
-) -> tuple[dict[str, Any], InputSpec]:
-    """The data config to record and the input size and normalization to write into the metadata."""
+) -> tuple[dict[str, Any], ModelInputs]:
+    """The data config to record, and the input shape and normalization.
+
+    Explicit values win over ``--data`` (the data set is loaded, as a training
+    run would), which wins over the arch's timm defaults.
+    """
     if data is not None:
         options: dict[str, Any] = {"name": data, "download": download}
         if data_root is not None:
@@ -289,26 +302,21 @@ def resolve_inputs(
         bundle = load_data(data_config)
         if bundle.num_classes != num_classes:
             raise UsageError(f"{source} predicts {num_classes} classes but data set {data} has {bundle.num_classes}")
-        defaults = InputSpec(num_classes, tuple(bundle.input_size), tuple(bundle.mean), tuple(bundle.std))
+        defaults = ModelInputs(tuple(bundle.input_size), tuple(bundle.mean), tuple(bundle.std))
         recorded = data_config.model_dump(mode="json")
     else:
-        defaults = _arch_defaults(arch, num_classes)
+        defaults = _arch_defaults(arch)
         recorded = _zoo_data(arch, num_classes)
-    resolved = InputSpec(
-        num_classes,
-        spec.input_size or defaults.input_size,
-        spec.mean or defaults.mean,
-        spec.std or defaults.std,
-    )
-    _check_normalization(resolved)
-    return recorded, resolved
+    inputs = ModelInputs(spec.input_size or defaults.input_size, spec.mean or defaults.mean, spec.std or defaults.std)
+    _check_normalization(inputs)
+    return recorded, inputs
 
 
-def _arch_defaults(arch: str, num_classes: int) -> InputSpec:
+def _arch_defaults(arch: str) -> ModelInputs:
     cfg = timm.models.get_pretrained_cfg(arch)
     if cfg is None:
         raise UsageError(f"{arch} has no default input size or normalization; pass --data or --input-size, --mean and --std")
-    return InputSpec(num_classes, tuple(cfg.input_size), tuple(cfg.mean), tuple(cfg.std))
+    return ModelInputs(tuple(cfg.input_size), tuple(cfg.mean), tuple(cfg.std))
 
 
 def _zoo_data(arch: str, num_classes: int) -> dict[str, Any]:
@@ -318,15 +326,14 @@ def _zoo_data(arch: str, num_classes: int) -> dict[str, Any]:
     return {}  # unknown: `kdcli eval` then needs --data
 
 
-def _check_normalization(spec: InputSpec) -> None:
-    assert spec.input_size is not None and spec.mean is not None and spec.std is not None
-    channels = spec.input_size[0]
-    if len(spec.mean) != channels or len(spec.std) != channels:
+def _check_normalization(inputs: ModelInputs) -> None:
+    channels = inputs.input_size[0]
+    if len(inputs.mean) != channels or len(inputs.std) != channels:
         raise UsageError(
-            f"--mean and --std need one value per input channel ({channels}); got {len(spec.mean)} and {len(spec.std)}"
+            f"--mean and --std need one value per input channel ({channels}); got {len(inputs.mean)} and {len(inputs.std)}"
         )
-    if any(value <= 0 for value in spec.std):
-        raise UsageError(f"--std values must be positive (got {list(spec.std)})")
+    if any(value <= 0 for value in inputs.std):
+        raise UsageError(f"--std values must be positive (got {list(inputs.std)})")
 
 
 # -- verification ------------------------------------------------------------------------
