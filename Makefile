@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 KDCLI := $(BIN)/kdcli
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
+# Plugin packages shipped as examples: installed beside kdcli, their tests run with the suite.
+PLUGIN_EXAMPLES := examples/kdcli-dkd
 
 .PHONY: venv install demo test bench clean
 
@@ -13,8 +15,8 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # Re-install when the package metadata (dependencies, entry points) changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[test,plot]"
+$(VENV)/.installed: pyproject.toml $(PLUGIN_EXAMPLES:%=%/pyproject.toml) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[test,plot]" $(PLUGIN_EXAMPLES:%=-e %)
 	touch $@
 
 venv install: $(VENV)/.installed

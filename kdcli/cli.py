@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer._click import exceptions as click_exceptions  # Typer vendors click since 0.29
 from typer.core import TyperGroup
@@ -25,9 +26,10 @@ from typer.core import TyperGroup
 from kdcli import __version__
 from kdcli.config import build_config
 from kdcli.errors import KdcliError, UsageError
+from kdcli.jobs.convert import InputSpec, convert_checkpoint
 from kdcli.jobs.evaluate import EVAL_SPLITS, evaluate_checkpoint
 from kdcli.jobs.train import TrainingSummary, run_training
-from kdcli.method import Method
+from kdcli.method import API_VERSION, Method
 from kdcli.registry import get_method, method_plugins
 
 class KdcliGroup(TyperGroup):
@@ -271,6 +273,62 @@ def evaluate(
     stdout.print(table)
 
 
+def _numbers(text: str | None, flag: str, kind: type[float] | type[int]) -> tuple[Any, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(kind(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated {kind.__name__}s (got {text!r})") from None
+
+
+def _input_size(text: str | None) -> tuple[int, int, int] | None:
+    size = _numbers(text, "--input-size", int)
+    if size is not None and (len(size) != 3 or min(size) <= 0):
+        raise UsageError(f"--input-size takes C,H,W, three positive integers (got {text!r})")
+    return size
+
+
+@app.command(epilog="Examples: kdcli convert ckpt_epoch_240.pth --arch cifar_resnet32x4 -o resnet32x4.safetensors  ·  kdcli convert t.pth --arch resnet18 --data imagefolder:tiny -o t.safetensors")
+@reports_errors
+def convert(
+    source: Annotated[Path, typer.Argument(help="A PyTorch checkpoint (.pth/.pt), read with torch.load(weights_only=True).", show_default=False)],
+    arch: Annotated[str, typer.Option("--arch", help="The architecture the weights belong to (timm or cifar_* zoo name).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The kdcli checkpoint to write (.safetensors).", show_default=False)],
+    key: Annotated[Optional[str], typer.Option("--key", help="Entry holding the state_dict (dotted); default: the file itself or state_dict/model/... .", show_default=False)] = None,
+    rename: Annotated[Optional[list[str]], typer.Option("--rename", help="Rename a parameter-name prefix: OLD=NEW (repeatable; NEW may be empty).", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="The data set the model was trained on: takes its classes, input size and normalization.", show_default=False)] = None,
+    data_root: DataRootOption = None,
+    download: DownloadOption = False,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Class count (default: rows of the classifier weight).", show_default=False)] = None,
+    input_size: Annotated[Optional[str], typer.Option("--input-size", help="Input shape C,H,W (default: --data, else the arch's; CIFAR-100 for the cifar_* zoo).", show_default=False)] = None,
+    mean: Annotated[Optional[str], typer.Option("--mean", help="Per-channel normalization mean, comma-separated.", show_default=False)] = None,
+    std: Annotated[Optional[str], typer.Option("--std", help="Per-channel normalization std, comma-separated.", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Import a model trained elsewhere (e.g. a RepDistiller teacher) as a kdcli checkpoint."""
+    if num_classes is not None and num_classes <= 0:
+        raise UsageError(f"--num-classes must be positive (got {num_classes})")
+    spec = InputSpec(num_classes, _input_size(input_size), _numbers(mean, "--mean", float), _numbers(std, "--std", float))
+    summary = convert_checkpoint(
+        source, output, arch=arch, key=key, renames=rename, data=data, data_root=data_root, download=download,
+        spec=spec, overwrite=overwrite,
+    )
+    report = summary.as_dict()
+    if json_output:
+        stdout.print_json(json.dumps(report))
+        return
+    renamed = ", ".join(f"{old!r}->{new!r}" for old, new in summary.renamed.items()) or "none"
+    stdout.print(
+        f"{summary.source} -> {summary.output}: {summary.arch}, {summary.num_tensors} tensors, "
+        f"{report['num_classes']} classes, input {tuple(report['input_size'])}, data {report['data'] or 'unknown (eval needs --data)'}, "
+        f"renamed {renamed}",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
 @methods_app.command("list")
 @reports_errors
 def methods_list(json_output: JsonOption = False) -> None:
@@ -283,6 +341,7 @@ def methods_list(json_output: JsonOption = False) -> None:
             "teacher": plugin.loaded.teacher_use if plugin.error is None else None,
             "summary": plugin.loaded.summary if plugin.error is None else "",
             "distribution": plugin.distribution,
+            "version": plugin.version,
             "error": plugin.error,
         }
         for plugin in plugins
@@ -294,8 +353,9 @@ def methods_list(json_output: JsonOption = False) -> None:
     for column in ("name", "role", "teacher", "summary", "from"):
         table.add_column(column)
     for row in rows:
-        summary = row["summary"] if row["error"] is None else f"[red]failed to load: {row['error']}[/red]"
-        table.add_row(row["name"], "/".join(row["roles"]), row["teacher"] or "", summary, row["distribution"])
+        summary = row["summary"] if row["error"] is None else f"[red]unusable: {escape(row['error'])}[/red]"
+        source = f"{row['distribution']} {row['version']}".strip()
+        table.add_row(row["name"], "/".join(row["roles"]), row["teacher"] or "", summary, source)
     stdout.print(table)
 
 
@@ -340,7 +400,7 @@ def _schema_type(prop: dict[str, Any]) -> str:
 
 def _version_callback(value: bool) -> None:
     if value:
-        stdout.print(f"kdcli {__version__}")
+        stdout.print(f"kdcli {__version__} (plugin API {API_VERSION})")
         raise typer.Exit()
 
 

@@ -15,7 +15,11 @@ The engine knows no method by name.  A method may additionally
 * keep state (tensors, numbers) that ``state_dict``/``load_state_dict`` carry
   through the resume state.
 
-Plugins import from this module, :mod:`kdcli.losses` and torch only.
+Plugins import from this module, :mod:`kdcli.losses`, torch and pydantic only.
+The contract, with a complete example, is documented in ``docs/plugins.md``;
+``API_VERSION`` (MAJOR.MINOR) versions it: a plugin declares the version it
+was written against in ``Method.api_version`` and loads when the major
+versions agree and its minor version is not newer than kdcli's.
 """
 
 from __future__ import annotations
@@ -27,6 +31,18 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
+
+__all__ = [
+    "API_VERSION",
+    "Batch",
+    "BatchSource",
+    "Method",
+    "MethodContext",
+    "MethodParams",
+    "Role",
+    "StepOutput",
+    "TeacherUse",
+]
 
 API_VERSION = "1.0"
 
@@ -96,7 +112,7 @@ class MethodContext:
 class Method:
     """Base class of every method; subclass it and implement ``training_step``."""
 
-    api_version: ClassVar[str] = API_VERSION
+    api_version: ClassVar[str] = API_VERSION  # third-party plugins pin the version they were written for
     roles: ClassVar[frozenset[Role]] = frozenset({"distill"})
     teacher_use: ClassVar[TeacherUse] = "required"
     summary: ClassVar[str] = ""

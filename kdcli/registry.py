@@ -3,21 +3,25 @@
 Built-ins register through the same entry-point groups as third-party
 packages.  Loading is isolated per plugin: one that fails to import is
 recorded with its error and only matters when somebody asks for it by name.
+A name registered by two distributions is an error naming both; a method
+built for an incompatible plugin API is reported with both versions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from kdcli.errors import KdcliError, unknown_name
-from kdcli.method import API_VERSION, Method
+from kdcli.method import API_VERSION, Method, MethodParams
 
 METHODS_GROUP = "kdcli.methods"
 MODELS_GROUP = "kdcli.models"
 DATASETS_GROUP = "kdcli.datasets"
+ROLES = frozenset({"teach", "distill"})
 
 
 @dataclass(frozen=True)
@@ -27,30 +31,48 @@ class Plugin:
     name: str
     value: str
     distribution: str
+    version: str = ""
     loaded: Any = None
     error: str | None = None
 
 
-def _distribution_name(entry_point: EntryPoint) -> str:
+def _distribution(entry_point: EntryPoint) -> tuple[str, str]:
     dist = getattr(entry_point, "dist", None)
-    return dist.name if dist is not None else "unknown"
+    if dist is None:
+        return "unknown", ""
+    return dist.name or "unknown", dist.version or ""
 
 
 def _load(entry_point: EntryPoint) -> Plugin:
-    distribution = _distribution_name(entry_point)
+    distribution, version = _distribution(entry_point)
+    plugin = Plugin(entry_point.name, entry_point.value, distribution, version)
     try:
         loaded = entry_point.load()
     except Exception as exc:  # a broken plugin must not break kdcli: report it instead
-        return Plugin(entry_point.name, entry_point.value, distribution, error=f"{type(exc).__name__}: {exc}")
-    return Plugin(entry_point.name, entry_point.value, distribution, loaded=loaded)
+        return replace(plugin, error=f"{type(exc).__name__}: {exc}")
+    return replace(plugin, loaded=loaded)
 
 
 @cache
 def _entry_points(group: str) -> tuple[EntryPoint, ...]:
+    # The same distribution can be visible twice on sys.path (e.g. an editable install
+    # plus a build directory); only different sources count as duplicates.
     unique: dict[tuple[str, str, str], EntryPoint] = {}
     for entry_point in entry_points(group=group):
-        unique.setdefault((entry_point.name, entry_point.value, _distribution_name(entry_point)), entry_point)
+        unique.setdefault((entry_point.name, entry_point.value, _distribution(entry_point)[0]), entry_point)
     return tuple(unique.values())
+
+
+def clear_caches() -> None:
+    """Forget what was discovered, so plugins installed since (or put on sys.path) are seen."""
+    importlib.invalidate_caches()
+    _entry_points.cache_clear()
+    load_model_plugins.cache_clear()
+
+
+def _registered_twice(kind: str, name: str, matches: list[EntryPoint]) -> str:
+    sources = " and ".join(f"{_distribution(ep)[0]} ({ep.value})" for ep in matches)
+    return f"{kind} {name!r} is registered twice: by {sources}; uninstall one of them"
 
 
 def _resolve(group: str, kind: str, name: str) -> Plugin:
@@ -58,24 +80,48 @@ def _resolve(group: str, kind: str, name: str) -> Plugin:
     if not matches:
         raise unknown_name(kind, name, sorted({ep.name for ep in _entry_points(group)}))
     if len(matches) > 1:
-        sources = " and ".join(f"{_distribution_name(ep)} ({ep.value})" for ep in matches)
-        raise KdcliError(f"{kind} {name!r} is registered twice: by {sources}; uninstall one of them")
+        raise KdcliError(_registered_twice(kind, name, matches))
     plugin = _load(matches[0])
     if plugin.error is not None:
         raise KdcliError(f"{kind} {name!r} from {plugin.distribution} failed to load: {plugin.error}")
     return plugin
 
 
+def _parse_api_version(version: object) -> tuple[int, int] | None:
+    major, _, minor = str(version).partition(".")
+    if not (major.isdigit() and (minor or "0").isdigit()):
+        return None
+    return int(major), int(minor or 0)
+
+
+def api_version_problem(offered: object) -> str | None:
+    """Why a plugin built for API ``offered`` cannot run here, or None if it can.
+
+    Same major version, and a minor version no newer than ours: minor versions
+    only add to the API, so a plugin for 1.0 runs on 1.3 but not the reverse.
+    """
+    ours, theirs = _parse_api_version(API_VERSION), _parse_api_version(offered)
+    if theirs is None:
+        return f"declares plugin API {offered!r}, which is not MAJOR.MINOR"
+    assert ours is not None
+    if theirs[0] == ours[0] and theirs[1] <= ours[1]:
+        return None
+    upgrade = "kdcli" if theirs > ours else "the plugin (or use an older kdcli)"
+    return f"targets plugin API {offered}, this kdcli provides {API_VERSION}; upgrade {upgrade}"
+
+
 def _check_method(plugin: Plugin) -> type[Method]:
     method = plugin.loaded
+    where = f"method {plugin.name!r} from {plugin.distribution}"
     if not (isinstance(method, type) and issubclass(method, Method)):
-        raise KdcliError(f"method {plugin.name!r} from {plugin.distribution} is not a kdcli.method.Method subclass")
-    wanted, offered = API_VERSION.split(".")[0], str(method.api_version).split(".")[0]
-    if wanted != offered:
-        raise KdcliError(
-            f"method {plugin.name!r} from {plugin.distribution} targets plugin API {method.api_version}, "
-            f"this kdcli provides {API_VERSION}; upgrade the plugin or kdcli"
-        )
+        raise KdcliError(f"{where} is not a kdcli.method.Method subclass")
+    problem = api_version_problem(method.api_version)
+    if problem is not None:
+        raise KdcliError(f"{where} {problem}")
+    if not (isinstance(method.Params, type) and issubclass(method.Params, MethodParams)):
+        raise KdcliError(f"{where}: Params must be a kdcli.method.MethodParams subclass")
+    if not method.roles or not set(method.roles) <= ROLES:
+        raise KdcliError(f"{where}: roles must be a non-empty subset of {sorted(ROLES)}, not {sorted(method.roles)}")
     return method
 
 
@@ -83,24 +129,40 @@ def get_method(name: str) -> type[Method]:
     return _check_method(_resolve(METHODS_GROUP, "method", name))
 
 
+def _checked(plugin: Plugin) -> Plugin:
+    if plugin.error is None:
+        try:
+            _check_method(plugin)
+        except KdcliError as exc:
+            return replace(plugin, loaded=None, error=str(exc))
+    return plugin
+
+
 def method_plugins() -> list[Plugin]:
-    """Every registered method, loaded and checked; failures carry their error."""
-    plugins = []
+    """Every registered method name, loaded and checked; failures and duplicates carry their error."""
+    by_name: dict[str, list[EntryPoint]] = {}
     for entry_point in _entry_points(METHODS_GROUP):
-        plugin = _load(entry_point)
-        if plugin.error is None:
-            try:
-                _check_method(plugin)
-            except KdcliError as exc:
-                plugin = Plugin(plugin.name, plugin.value, plugin.distribution, error=str(exc))
-        plugins.append(plugin)
-    return sorted(plugins, key=lambda plugin: plugin.name)
+        by_name.setdefault(entry_point.name, []).append(entry_point)
+    plugins = []
+    for name, matches in sorted(by_name.items()):
+        if len(matches) == 1:
+            plugins.append(_checked(_load(matches[0])))
+        else:
+            sources = ", ".join(_distribution(ep)[0] for ep in matches)
+            values = ", ".join(ep.value for ep in matches)
+            plugins.append(Plugin(name, values, sources, error=_registered_twice("method", name, matches)))
+    return plugins
 
 
 @cache
 def load_model_plugins() -> tuple[Plugin, ...]:
     """Import every ``kdcli.models`` entry point so its models join timm's registry."""
     return tuple(_load(entry_point) for entry_point in _entry_points(MODELS_GROUP))
+
+
+def model_plugin_failures() -> list[str]:
+    """``NAME from DIST: ERROR`` for each model plugin that failed to import."""
+    return [f"{p.name} from {p.distribution}: {p.error}" for p in load_model_plugins() if p.error is not None]
 
 
 def get_dataset_builder(name: str) -> Any:

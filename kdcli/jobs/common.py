@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import timm
 from pydantic import ValidationError
 from torch import nn
 
@@ -12,9 +13,9 @@ from kdcli.config import DataConfig, format_validation_error
 from kdcli.data.augment import BatchAugment
 from kdcli.data.bundle import DataBundle, ImageSplit, split_train_val
 from kdcli.engine import TrainingData
-from kdcli.errors import KdcliError, UsageError
+from kdcli.errors import KdcliError, UsageError, unknown_name
 from kdcli.models import create_model
-from kdcli.registry import get_dataset_builder, load_model_plugins
+from kdcli.registry import get_dataset_builder, load_model_plugins, model_plugin_failures
 
 
 def load_data(config: DataConfig) -> DataBundle:
@@ -60,11 +61,32 @@ def check_fits(info: CheckpointInfo, bundle: DataBundle, source: Path) -> None:
         )
 
 
+def require_model(name: str) -> None:
+    """Import every model plugin, then fail unless ``name`` is a known model.
+
+    An unknown name also lists the model plugins that failed to import: the
+    model may live in one of them.
+    """
+    load_model_plugins()
+    if timm.is_model(name):
+        return
+    error = unknown_name("model", name, timm.list_models())
+    failures = model_plugin_failures()
+    if failures:
+        raise UsageError(f"{error} (model plugins that failed to import: {'; '.join(failures)})")
+    raise error
+
+
+def new_model(name: str, *, num_classes: int, input_size: tuple[int, int, int]) -> nn.Module:
+    """An untrained ``name`` (a timm model, or one a model plugin registers)."""
+    require_model(name)
+    return create_model(name, num_classes=num_classes, input_size=input_size)
+
+
 def model_from_checkpoint(path: Path) -> tuple[nn.Module, CheckpointInfo]:
     """Rebuild the model a checkpoint describes and load its weights."""
     weights, info = load_checkpoint(path)
-    load_model_plugins()
-    model = create_model(info.arch, num_classes=info.num_classes, input_size=info.input_size)
+    model = new_model(info.arch, num_classes=info.num_classes, input_size=info.input_size)
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:

@@ -13,11 +13,10 @@ from kdcli.checkpoint import CheckpointInfo, load_checkpoint, load_state
 from kdcli.config import RunConfig, format_validation_error, load_resolved_config
 from kdcli.engine import Trainer, method_context, predict, prepare_student, prepare_teacher, setup_runtime
 from kdcli.errors import UsageError
-from kdcli.jobs.common import check_fits, load_data, model_from_checkpoint, training_data
+from kdcli.jobs.common import check_fits, load_data, model_from_checkpoint, new_model, require_model, training_data
 from kdcli.method import Method, MethodParams
 from kdcli.metrics import classification_report
-from kdcli.models import create_model
-from kdcli.registry import get_method, load_model_plugins
+from kdcli.registry import get_method
 from kdcli.rundir import RunDir, existing_run_dir, prepare_run_dir
 
 DEFAULT_MODELS = {"teach": "cifar_resnet20", "distill": "cifar_resnet8"}
@@ -92,7 +91,8 @@ def run_training(
         run_dir = existing_run_dir(out)
         config = load_resolved_config(run_dir.config_path)
     config, method_cls, params = resolve_config(config)
-    load_model_plugins()
+    assert config.model.name is not None  # resolve_config fills the job's default
+    require_model(config.model.name)
     bundle = load_data(config.data)
     teacher_arch = None
     teacher = None
@@ -110,7 +110,7 @@ def run_training(
             run_dir.write_config(config.model_dump(mode="json"))
 
     torch.manual_seed(config.train.seed)
-    student = create_model(config.model.name, num_classes=bundle.num_classes, input_size=bundle.input_size)
+    student = new_model(config.model.name, num_classes=bundle.num_classes, input_size=bundle.input_size)
     data = training_data(bundle, config.data)
     method = method_cls(
         params,
