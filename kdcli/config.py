@@ -103,6 +103,11 @@ class TrainConfig(StrictModel):
     early_stop_patience: PositiveInt | None = Field(
         None, description="Stop after this many epochs without a better val top-1 (implies keep_best)."
     )
+    nonfinite_loss: Literal["stop", "skip"] = Field(
+        "stop",
+        description="On a NaN/inf loss term: stop (naming epoch, step and term; the last checkpoint stays) "
+        "or skip the step's update and count it (mixed precision).",
+    )
 
     @model_validator(mode="after")
     def _selection_needs_best(self) -> TrainConfig:
