@@ -461,13 +461,15 @@ class Trainer:
         for index, values in loaded["state"].items():
             if type(index) is not int or not 0 <= index < len(parameters) or not isinstance(values, dict):
                 return f"optimizer/state/{index} belongs to no parameter"
-            shape = parameters[index].shape
+            parameter = parameters[index]
             for name, value in values.items():
-                fits = value is None or (type(value) in (int, float)) or (
-                    isinstance(value, Tensor) and value.is_floating_point() and (value.numel() == 1 or value.shape == shape)
-                )
+                # torch's SGD and AdamW keep a scalar step count and buffers shaped like the parameter.
+                if name == "step":
+                    fits = type(value) in (int, float) or (isinstance(value, Tensor) and value.is_floating_point() and value.numel() == 1)
+                else:
+                    fits = value is None or (isinstance(value, Tensor) and (value.shape, value.dtype) == (parameter.shape, parameter.dtype))
                 if not fits:
-                    return f"optimizer/state/{index}/{name} does not fit a parameter of shape {list(shape)}"
+                    return f"optimizer/state/{index}/{name} does not fit a {str(parameter.dtype).removeprefix('torch.')} parameter of shape {list(parameter.shape)}"
         return None
 
     def _progress_problem(self, state: dict[str, Any]) -> str | None:
