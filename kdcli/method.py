@@ -134,7 +134,12 @@ class Method:
         return inputs
 
     def on_epoch_start(self, epoch: int) -> None:
-        """Called before the first step of ``epoch`` (1-based)."""
+        """Called before the first step of ``epoch`` (1-based).
+
+        A run resumed inside an epoch calls it again, then loads the saved
+        ``state_dict``: keep in that state whatever this computes from the
+        training so far.
+        """
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         """Called after the last step of ``epoch``; returned numbers are logged."""
