@@ -146,7 +146,11 @@ class Method:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        """Method state for resuming: nested dicts/lists of tensors and plain values."""
+        """Method state for resuming: nested dicts/lists of tensors and plain values.
+
+        A tensor present right after construction must keep its dtype and
+        shape (preallocate banks): resume states are checked against them.
+        """
         return {name: module.state_dict() for name, module in self.trainable_modules().items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

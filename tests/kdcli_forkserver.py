@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,9 +88,11 @@ def serve() -> None:
         sys.stdout.flush()
         pid = os.fork()
         if pid == 0:
-            code = 99
+            code = 99  # an exception escaped kdcli: its traceback goes to the child's stderr
             try:
                 code = _run_child(request)
+            except BaseException:
+                traceback.print_exc()
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -97,6 +100,7 @@ def serve() -> None:
         print(json.dumps({"pid": pid}), flush=True)
         _, status = os.waitpid(pid, 0)
         print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+    os._exit(0)  # skip tearing torch down: nothing is left to flush
 
 
 # -- the test side ----------------------------------------------------------------------
