@@ -48,8 +48,9 @@ class KdcliGroup(TyperGroup):
             message = " ".join(exc.format_message().split())
             stderr.print(f"kdcli: error: {message} (see '{command} --help')", markup=False, soft_wrap=True)
             result = exc.exit_code
-        except typer.Abort:
-            result = 1
+        except typer.Abort:  # click's name for Ctrl-C while it parses
+            stderr.print("kdcli: error: interrupted", markup=False)
+            result = 130
         if not standalone_mode:
             return result
         sys.exit(result if isinstance(result, int) else 0)
@@ -84,6 +85,10 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as exc:
             stderr.print(f"kdcli: error: {exc}", markup=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            # Training turns its own interrupts into a KdcliError; this one came while setting up or reporting.
+            stderr.print("kdcli: error: interrupted outside training; every file written so far is complete", markup=False)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -184,6 +189,8 @@ def _print_summary(summary: TrainingSummary, *, as_json: bool) -> None:
     for arch, role, report in rows:
         table.add_row(arch, role, f"{report['top1']:.4f}", f"{report['top5']:.4f}", f"{report['nll']:.4f}", f"{report['ece']:.4f}")
     stdout.print(table)
+    if summary.skipped_steps:
+        stdout.print(f"skipped {summary.skipped_steps} steps with a non-finite loss (train.nonfinite_loss=skip)")
     stdout.print(f"checkpoint: {summary.run_dir / 'last.safetensors'}")
 
 

@@ -103,6 +103,11 @@ class TrainConfig(StrictModel):
     early_stop_patience: PositiveInt | None = Field(
         None, description="Stop after this many epochs without a better val top-1 (implies keep_best)."
     )
+    nonfinite_loss: Literal["stop", "skip"] = Field(
+        "stop",
+        description="On a NaN/inf loss term: stop (naming epoch, step and term; the last checkpoint stays) "
+        "or skip the step's update and count it (mixed precision).",
+    )
 
     @model_validator(mode="after")
     def _selection_needs_best(self) -> TrainConfig:
@@ -155,7 +160,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """Parse a TOML, YAML or JSON config file into a plain dict."""
     if not path.is_file():
         raise UsageError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
@@ -231,5 +239,7 @@ def load_resolved_config(path: Path) -> RunConfig:
         return RunConfig.model_validate_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{path.parent} is not a kdcli run directory (no config.json)") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not a valid kdcli config: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except ValidationError as exc:
         raise UsageError(f"{path} is not a valid kdcli config: {format_validation_error(exc)}") from None

@@ -34,3 +34,9 @@ def unknown_name(kind: str, name: str, known: list[str]) -> UsageError:
     else:
         hint = ""
     return UsageError(f"unknown {kind} {name!r}{hint}")
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to one line, for errors that must stay one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

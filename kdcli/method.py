@@ -150,14 +150,23 @@ class Method:
         return inputs
 
     def on_epoch_start(self, epoch: int) -> None:
-        """Called before the first step of ``epoch`` (1-based)."""
+        """Called before the first step of ``epoch`` (1-based).
+
+        A run resumed inside an epoch calls it again, then loads the saved
+        ``state_dict``: keep in that state whatever this computes from the
+        training so far.
+        """
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         """Called after the last step of ``epoch``; returned numbers are logged."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        """Method state for resuming: nested dicts/lists of tensors and plain values."""
+        """Method state for resuming: nested dicts/lists of tensors and plain values.
+
+        A tensor present right after construction must keep its dtype and
+        shape (preallocate banks): resume states are checked against them.
+        """
         return {name: module.state_dict() for name, module in self.trainable_modules().items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdcli.checkpoint import atomic_write_bytes
+from kdcli.checkpoint import TEMPORARY_PATTERN, atomic_write_bytes
 from kdcli.errors import UsageError
 
 
@@ -56,6 +56,12 @@ class RunDir:
         text = "".join(json.dumps(record) + "\n" for record in records)
         atomic_write_bytes(self.metrics_path, text.encode())
 
+    def remove_partial_writes(self) -> None:
+        """Delete the temporary files of writes that a crash cut short (the files they were for are whole)."""
+        for folder in (self.root, self.checkpoints_dir):
+            for leftover in folder.glob(TEMPORARY_PATTERN):
+                leftover.unlink(missing_ok=True)
+
     def read_history(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
             return []
@@ -76,10 +82,8 @@ def prepare_run_dir(root: Path, *, overwrite: bool) -> RunDir:
 
 
 def existing_run_dir(root: Path) -> RunDir:
-    """A run directory to resume: it must hold a config and a resume state."""
+    """A run directory to resume: it must hold a config (a resume state only once an epoch was saved)."""
     run_dir = RunDir(root)
     if not run_dir.config_path.is_file():
         raise UsageError(f"cannot resume {root}: not a kdcli run directory (no config.json)")
-    if not run_dir.resume_path.is_file():
-        raise UsageError(f"cannot resume {root}: no resume.safetensors yet (the run stopped before its first epoch ended)")
     return run_dir

@@ -10,6 +10,7 @@ import torch
 
 from kdcli.checkpoint import (
     CheckpointInfo,
+    WriteFailed,
     atomic_write_bytes,
     load_checkpoint,
     load_state,
@@ -73,7 +74,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytes
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteFailed, match="No space left on device.*previous last.safetensors is unchanged"):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"good"
     assert [path.name for path in tmp_path.iterdir()] == ["last.safetensors"]  # no temp file left behind

@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import timm
+import torch
 from pydantic import ValidationError
 from torch import nn
 
-from kdcli.checkpoint import CheckpointInfo, load_checkpoint
+from kdcli.checkpoint import CheckpointInfo, load_checkpoint, tensors_mismatch
 from kdcli.config import DataConfig, format_validation_error
 from kdcli.data.augment import BatchAugment
 from kdcli.data.bundle import DataBundle, ImageSplit, split_train_val
 from kdcli.engine import TrainingData
-from kdcli.errors import KdcliError, UsageError, unknown_name
+from kdcli.errors import KdcliError, UsageError, first_line, unknown_name
 from kdcli.models import create_model
 from kdcli.registry import get_dataset_builder, load_model_plugins, model_plugin_failures
 
@@ -84,15 +85,24 @@ def new_model(name: str, *, num_classes: int, input_size: tuple[int, int, int]) 
 
 
 def model_from_checkpoint(path: Path) -> tuple[nn.Module, CheckpointInfo]:
-    """Rebuild the model a checkpoint describes and load its weights."""
+    """Rebuild the model a checkpoint describes and load its weights.
+
+    The architecture is first built on the meta device (no memory) and its
+    tensors compared with the file's, so metadata that asks for an absurd
+    model fails at once instead of allocating it.
+    """
     weights, info = load_checkpoint(path)
-    model = new_model(info.arch, num_classes=info.num_classes, input_size=info.input_size)
+    require_model(info.arch)
     try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        reason = " ".join(line.strip() for line in first[:2])
-        raise KdcliError(f"{path} does not match architecture {info.arch}: {reason}") from None
+        with torch.device("meta"):
+            expected = create_model(info.arch, num_classes=info.num_classes, input_size=info.input_size).state_dict()
+    except (ValueError, TypeError, RuntimeError, AssertionError) as exc:  # the model's own checks on its arguments
+        raise KdcliError(f"{path} describes a model that cannot be built ({info.arch}: {first_line(exc)})") from None
+    mismatch = tensors_mismatch(weights, expected)
+    if mismatch is not None:
+        raise KdcliError(f"{path} does not match architecture {info.arch}: {mismatch}")
+    model = create_model(info.arch, num_classes=info.num_classes, input_size=info.input_size)
+    model.load_state_dict(weights)
     return model, info
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdcli.config import TrainConfig
+from pydantic import ValidationError
+
+from kdcli.config import TrainConfig, format_validation_error
 from kdcli.engine import predict, setup_runtime
 from kdcli.errors import UsageError
 from kdcli.jobs.common import check_fits, checkpoint_data_config, evaluation_split, load_data, model_from_checkpoint
@@ -33,13 +35,17 @@ def evaluate_checkpoint(
         raise UsageError(f"--split must be one of {', '.join(EVAL_SPLITS)} (got {split!r})")
     if batch_size <= 0:
         raise UsageError(f"--batch-size must be positive (got {batch_size})")
+    try:
+        settings = TrainConfig(device=device)
+    except ValidationError as exc:
+        raise UsageError(f"invalid --device: {format_validation_error(exc)}") from None
     model, info = model_from_checkpoint(checkpoint)
     data_config = checkpoint_data_config(info, checkpoint)
     changes = {"name": data, "root": data_root, "download": download or None}
     data_config = data_config.model_copy(update={key: value for key, value in changes.items() if value is not None})
     bundle = load_data(data_config)
     check_fits(info, bundle, checkpoint)
-    runtime = setup_runtime(TrainConfig(device=device))
+    runtime = setup_runtime(settings)
     model = model.to(runtime.device)
 
     def logits_of(split_name: str) -> tuple[Any, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from kdcli.checkpoint import CheckpointInfo, load_checkpoint, load_state
+from kdcli.checkpoint import CheckpointInfo, load_checkpoint
 from kdcli.config import RunConfig, format_validation_error, load_resolved_config
 from kdcli.engine import Trainer, method_context, predict, prepare_student, prepare_teacher, setup_runtime
 from kdcli.errors import UsageError
@@ -33,6 +33,11 @@ class TrainingSummary:
     teacher_test: dict[str, float] | None
     teacher_arch: str | None
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose update ``train.nonfinite_loss = skip`` dropped."""
+        return sum(record["skipped_steps"] for record in self.history)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "run_dir": str(self.run_dir),
@@ -44,6 +49,7 @@ class TrainingSummary:
             "epochs": len(self.history),
             "final_epoch": self.history[-1] if self.history else None,
             "best_epoch": self.best_epoch,
+            "skipped_steps": self.skipped_steps,
             "test": self.test,
             "teacher_test": self.teacher_test,
         }
@@ -84,8 +90,10 @@ def run_training(
     """Train ``config.model`` with ``config.method`` into run directory ``out``.
 
     With ``resume`` the run's saved config replaces ``config`` and training
-    continues after the last completed epoch.  Everything that can be wrong
-    with the input is checked before the run directory is touched.
+    continues from the saved state: after the last completed epoch, or at the
+    exact step where a signal stopped it; with no state saved yet it starts
+    over.  Everything that can be wrong with the input is checked before the
+    run directory is touched.
     """
     if resume:
         run_dir = existing_run_dir(out)
@@ -102,9 +110,9 @@ def run_training(
         teacher_arch = teacher_info.arch
     runtime = setup_runtime(config.train)
     if resume:
-        resume_state = load_state(run_dir.resume_path)
+        if runtime.is_main:
+            run_dir.remove_partial_writes()
     else:
-        resume_state = None
         run_dir = prepare_run_dir(out, overwrite=overwrite) if runtime.is_main else RunDir(out)
         if runtime.is_main:
             run_dir.write_config(config.model_dump(mode="json"))
@@ -130,8 +138,8 @@ def run_training(
         config=config.model_dump(mode="json"),
     )
     trainer = Trainer(method, data, config, runtime, run_dir, template, show_progress=show_progress)
-    if resume_state is not None:
-        trainer.restore(resume_state)
+    if resume:
+        trainer.resume()
     history = trainer.fit()
     if config.train.keep_best:
         # The deployable result of a run with model selection is its best epoch, not its last.
