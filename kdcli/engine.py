@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from kdcli.checkpoint import CheckpointInfo, save_checkpoint, save_state
 from kdcli.config import OptimConfig, RunConfig, ScheduleConfig, TrainConfig
-from kdcli.data.augment import BatchAugment, normalize
+from kdcli.data.augment import BatchAugment, EpochAugmentation, normalize
 from kdcli.data.bundle import ImageSplit
 from kdcli.data.loader import BatchLoader
 from kdcli.errors import KdcliError
@@ -147,6 +147,14 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1_009 + rank) % (2**63)
 
 
+AUGMENTATION_STREAM = 2**40  # keeps augmentation seeds apart from every rank's epoch_seed
+
+
+def augmentation_seed(seed: int, epoch: int) -> int:
+    """Seed of an epoch's augmentation draws: the same on every rank, so DDP sees the 1-process views."""
+    return epoch_seed(seed, epoch, AUGMENTATION_STREAM)
+
+
 def build_optimizer(parameters: list[nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
     if optim.name == "adamw":
         return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
@@ -210,9 +218,9 @@ def method_context(config: RunConfig, data: TrainingData, runtime: Runtime, num_
         if samples is None:
             raise KdcliError("this method needs a validation split: set --val-split above 0")
         loader = BatchLoader(samples, batch_size=batch_size or train.batch_size, shuffle=shuffle, device=runtime.device, seed=seed)
-        generator = torch.Generator(runtime.device).manual_seed(seed)
+        augmentation = EpochAugmentation(data.augment, len(samples), seed, runtime.device) if augment else None
         for images, targets, index in loader:
-            inputs = data.augment(images, generator) if augment else normalize(images, data.mean, data.std)
+            inputs = normalize(images, data.mean, data.std) if augmentation is None else augmentation(images, index)
             yield Batch(inputs, targets, index)
 
     return MethodContext(
@@ -331,9 +339,8 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         runtime, train = self.runtime, self.config.train
-        seed = epoch_seed(train.seed, epoch, runtime.rank)
-        torch.manual_seed(seed)
-        generator = torch.Generator(runtime.device).manual_seed(seed)
+        torch.manual_seed(epoch_seed(train.seed, epoch, runtime.rank))
+        augmentation = EpochAugmentation(self.data.augment, len(self.data.train), augmentation_seed(train.seed, epoch), runtime.device)
         self.train_loader.set_epoch(epoch)
         self.student.train()
         self.extra_modules.train()
@@ -346,7 +353,7 @@ class Trainer:
         started = time.perf_counter()
         with self._progress(epoch) as advance:
             for step, (images, targets, index) in enumerate(self.train_loader, start=1):
-                inputs = self.data.augment(images, generator)
+                inputs = augmentation(images, index)
                 if train.channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 output = self.train_step(Batch(inputs, targets, index))
