@@ -103,6 +103,9 @@ class TrainConfig(StrictModel):
     early_stop_patience: PositiveInt | None = Field(
         None, description="Stop after this many epochs without a better val top-1 (implies keep_best)."
     )
+    cache_teacher: bool = Field(
+        False, description="Compute the teacher's logits once and reuse them (stored next to the teacher checkpoint)."
+    )
 
     @model_validator(mode="after")
     def _selection_needs_best(self) -> TrainConfig:
@@ -137,6 +140,12 @@ class RunConfig(StrictModel):
     def _best_needs_validation(self) -> RunConfig:
         if self.train.keep_best and self.data.val_split == 0:
             raise ValueError("train.keep_best and train.early_stop_patience select on the validation split; set data.val_split above 0")
+        return self
+
+    @model_validator(mode="after")
+    def _cache_needs_teacher(self) -> RunConfig:
+        if self.train.cache_teacher and self.teacher is None:
+            raise ValueError("train.cache_teacher (--cache-teacher) caches a teacher's outputs; pass --teacher CKPT.safetensors")
         return self
 
 

@@ -31,6 +31,7 @@ from kdcli.data.loader import BatchLoader
 from kdcli.errors import KdcliError
 from kdcli.method import Batch, Method, MethodContext
 from kdcli.rundir import RunDir
+from kdcli.teacher_cache import CachedTeacher
 
 PROGRESS_REFRESH_STEPS = 10
 
@@ -151,7 +152,10 @@ AUGMENTATION_STREAM = 2**40  # keeps augmentation seeds apart from every rank's 
 
 
 def augmentation_seed(seed: int, epoch: int) -> int:
-    """Seed of an epoch's augmentation draws: the same on every rank, so DDP sees the 1-process views."""
+    """Seed of an epoch's augmentation draws: the same on every rank, so DDP sees the 1-process views.
+
+    Changing this changes what cached teacher tables mean: bump ``kdcli.teacher_cache.CACHE_FORMAT``.
+    """
     return epoch_seed(seed, epoch, AUGMENTATION_STREAM)
 
 
@@ -255,8 +259,10 @@ class Trainer:
         checkpoint_template: CheckpointInfo,
         *,
         show_progress: bool = True,
+        teacher_cache: CachedTeacher | None = None,
     ) -> None:
         self.method = method
+        self.teacher_cache = teacher_cache
         self.data = data
         self.config = config
         self.runtime = runtime
@@ -345,6 +351,8 @@ class Trainer:
         self.student.train()
         self.extra_modules.train()
         self.method.on_epoch_start(epoch)
+        if self.teacher_cache is not None:
+            self.teacher_cache.start_epoch(epoch)
 
         lr_at_start = self.optimizer.param_groups[0]["lr"]
         sums: dict[str, Tensor] = {}
@@ -356,7 +364,9 @@ class Trainer:
                 inputs = augmentation(images, index)
                 if train.channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
-                output = self.train_step(Batch(inputs, targets, index))
+                batch = Batch(inputs, targets, index)
+                with self._serving_teacher(batch):
+                    output = self.train_step(batch)
                 size = targets.shape[0]
                 seen += size
                 correct += output.logits.detach().argmax(dim=1).eq(targets).sum()
@@ -370,7 +380,7 @@ class Trainer:
         totals = self.runtime.all_reduce_sum(torch.stack([correct, torch.tensor(float(seen), device=runtime.device)]))
         means = {name: (self.runtime.all_reduce_sum(value) / totals[1]).item() for name, value in sums.items()}
         self._check_finite(means, epoch, len(self.train_loader))
-        return {
+        record = {
             "epoch": epoch,
             "lr": lr_at_start,
             "time_s": round(elapsed, 3),
@@ -379,6 +389,13 @@ class Trainer:
             "train_top1": (totals[0] / totals[1]).item(),
             "method": {name.split("/", 1)[1]: value for name, value in means.items() if name.startswith("log/")},
         }
+        if self.teacher_cache is not None:
+            record["teacher_cache"] = self.teacher_cache.finish_epoch()
+        return record
+
+    def _serving_teacher(self, batch: Batch) -> Any:
+        """With --cache-teacher, the teacher answers calls on this batch's inputs from its table."""
+        return nullcontext() if self.teacher_cache is None else self.teacher_cache.serving(batch)
 
     def train_step(self, batch: Batch) -> Any:
         with self.runtime.autocast():
