@@ -179,7 +179,7 @@ class CachedTeacher(nn.Module):
         if table_epoch != self._table_epoch:
             self._table_epoch = table_epoch
             self._logits, self._filled, self._complete = None, None, False
-            self._load(self.path_for(table_epoch))
+            self._load(self._path(table_epoch))
         if self._filled is not None:
             self._fresh = torch.zeros_like(self._filled)
         self._hits = self._computed = 0
@@ -201,13 +201,13 @@ class CachedTeacher(nn.Module):
             self._merge_fresh_rows()
             self._complete = bool(self._filled.all())
             if self._writes:
-                self._save(self.path_for(self._table_epoch))
+                self._save(self._path(self._table_epoch))
         return {"hits": hits, "computed": computed}
 
-    def path_for(self, table_epoch: int | None) -> Path:
-        return cache_path(self._teacher_path, self.key, table_epoch if self.per_epoch else None)
-
     # -- internals ------------------------------------------------------------------------------
+
+    def _path(self, table_epoch: int | None) -> Path:
+        return cache_path(self._teacher_path, self.key, table_epoch if self.per_epoch else None)
 
     @torch.no_grad()
     def _run_teacher(self, inputs: Tensor) -> Tensor:
@@ -269,7 +269,6 @@ class CachedTeacher(nn.Module):
             return  # another table under a colliding name: recomputed and replaced
         device = self._device()
         self._logits, self._filled = logits.to(device), filled.to(device)
-        self._fresh = torch.zeros_like(self._filled)
         self._complete = bool(self._filled.all())
 
     def _save(self, path: Path) -> None:
