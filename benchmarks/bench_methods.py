@@ -72,8 +72,9 @@ def compare(name: str, job: str, candidate: Trainer, baseline: Trainer, batch: B
         baseline_times.append(seconds_per_step(baseline, batch, STEPS_PER_ROUND))
         candidate_times.append(seconds_per_step(candidate, batch, STEPS_PER_ROUND))
     models = f"{WORKLOAD.teacher}->{WORKLOAD.student}" if job == "distill" else WORKLOAD.teacher
+    itself = " (itself: the timing noise)" if candidate is baseline else ""
     report(
-        f"step cost {name} vs {BASELINES[job]} ({job}, {models}, batch {WORKLOAD.batch_size}, best of {ROUNDS})",
+        f"step cost {name} vs {BASELINES[job]}{itself} ({job}, {models}, batch {WORKLOAD.batch_size}, best of {ROUNDS})",
         BASELINES[job], min(baseline_times), name, min(candidate_times),
     )
 
@@ -87,7 +88,7 @@ def main() -> None:
                 print(f"step cost {plugin.name}: skipped (does not load: {plugin.error})", flush=True)
                 continue
             job = job_of(plugin.loaded)
-            if plugin.name == BASELINES[job]:  # against itself: the line shows the timing noise
+            if plugin.name == BASELINES[job]:
                 compare(plugin.name, job, baselines[job], baselines[job], batches[job])
                 continue
             try:

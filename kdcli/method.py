@@ -16,6 +16,12 @@ The engine knows no method by name.  A method may additionally
   through the resume state.
 
 Plugins import from this module, :mod:`kdcli.losses` and torch only.
+
+With ``kdcli distill --cache-teacher`` the ``teacher`` a method receives is a
+stand-in that answers calls on the current ``batch.inputs`` from a table of
+the teacher's logits (other inputs run the real teacher); anything beyond
+calling it (``forward_intermediates``, its layers, ``train()``) raises an error
+telling the user to drop ``--cache-teacher``.
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ def normalize(images_uint8: Tensor, mean: Sequence[float], std: Sequence[float])
     followed by ``normalize`` (so bit for bit the same result), done in place on
     the one new float tensor instead of through torchvision's per-call checks.
     """
+    if images_uint8.dtype != torch.uint8:  # float input would be rescaled, and modified in place
+        raise TypeError(f"normalize expects uint8 images, got {images_uint8.dtype}")
     images = images_uint8.to(torch.float32)
     return images.mul_(1.0 / 255).sub_(_channel_column(tuple(mean), images.device)).div_(_channel_column(tuple(std), images.device))
 
