@@ -113,6 +113,7 @@ ResumeOption = Annotated[Optional[Path], typer.Option("--resume", help="Continue
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-epoch lines.")]
+CacheTeacherOption = Annotated[bool, typer.Option("--cache-teacher", help="Compute the teacher's logits once and reuse them across epochs and runs (train.cache_teacher).")]
 
 # Flags that map onto config keys; None means "not given, keep the config's value".
 FLAG_KEYS: dict[str, tuple[str, ...]] = {
@@ -136,6 +137,8 @@ def _flags_to_tree(values: dict[str, Any]) -> dict[str, Any]:
             tree.setdefault(path[0], {})[path[1]] = values[name]
     if values.get("download"):
         tree.setdefault("data", {})["download"] = True
+    if values.get("cache_teacher"):
+        tree.setdefault("train", {})["cache_teacher"] = True
     return tree
 
 
@@ -146,7 +149,7 @@ def _train(job: str, method: str | None, teacher: Path | None, values: dict[str,
     resume: Path | None = values["resume"]
     show_progress = not values["quiet"]
     if resume is not None:
-        given = [name for name in (*FLAG_KEYS, "config", "set", "out", "download", "overwrite") if values.get(name)]
+        given = [name for name in (*FLAG_KEYS, "config", "set", "out", "download", "overwrite", "cache_teacher") if values.get(name)]
         given += ["method"] * (method is not None) + ["teacher"] * (teacher is not None)
         if given:
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
@@ -223,7 +226,7 @@ def teach(
     _train("teach", values.pop("method"), None, values)
 
 
-@app.command(epilog="Examples: kdcli distill --teacher runs/t/last.safetensors  ·  kdcli distill --teacher t.safetensors --method kd --set method.temperature=4")
+@app.command(epilog="Examples: kdcli distill --teacher runs/t/last.safetensors  ·  kdcli distill --teacher t.safetensors --method kd --set method.temperature=4  ·  kdcli distill --teacher t.safetensors --cache-teacher")
 @reports_errors
 def distill(
     teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Teacher checkpoint (.safetensors).", show_default=False)] = None,
@@ -244,6 +247,7 @@ def distill(
     out: OutOption = None,
     resume: ResumeOption = None,
     overwrite: OverwriteOption = False,
+    cache_teacher: CacheTeacherOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:

@@ -108,6 +108,9 @@ class TrainConfig(StrictModel):
         description="On a NaN/inf loss term: stop (naming epoch, step and term; the last checkpoint stays) "
         "or skip the step's update and count it (mixed precision).",
     )
+    cache_teacher: bool = Field(
+        False, description="Compute the teacher's logits once and reuse them (stored next to the teacher checkpoint)."
+    )
 
     @model_validator(mode="after")
     def _selection_needs_best(self) -> TrainConfig:
@@ -142,6 +145,12 @@ class RunConfig(StrictModel):
     def _best_needs_validation(self) -> RunConfig:
         if self.train.keep_best and self.data.val_split == 0:
             raise ValueError("train.keep_best and train.early_stop_patience select on the validation split; set data.val_split above 0")
+        return self
+
+    @model_validator(mode="after")
+    def _cache_needs_teacher(self) -> RunConfig:
+        if self.train.cache_teacher and self.teacher is None:
+            raise ValueError("train.cache_teacher (--cache-teacher) caches a teacher's outputs; pass --teacher CKPT.safetensors")
         return self
 
 

@@ -40,12 +40,13 @@ from kdcli.checkpoint import (
     tensors_mismatch,
 )
 from kdcli.config import OptimConfig, RunConfig, ScheduleConfig, TrainConfig
-from kdcli.data.augment import BatchAugment, normalize
+from kdcli.data.augment import BatchAugment, EpochAugmentation, normalize
 from kdcli.data.bundle import ImageSplit
 from kdcli.data.loader import BatchLoader
 from kdcli.errors import KdcliError, first_line
 from kdcli.method import Batch, Method, MethodContext, StepOutput
 from kdcli.rundir import RunDir
+from kdcli.teacher_cache import CachedTeacher
 
 PROGRESS_REFRESH_STEPS = 10
 
@@ -168,6 +169,17 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1_009 + rank) % (2**63)
 
 
+AUGMENTATION_STREAM = 2**40  # keeps augmentation seeds apart from every rank's epoch_seed
+
+
+def augmentation_seed(seed: int, epoch: int) -> int:
+    """Seed of an epoch's augmentation draws: the same on every rank, so DDP sees the 1-process views.
+
+    Changing this changes what cached teacher tables mean: bump ``kdcli.teacher_cache.CACHE_FORMAT``.
+    """
+    return epoch_seed(seed, epoch, AUGMENTATION_STREAM)
+
+
 def build_optimizer(parameters: list[nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
     if optim.name == "adamw":
         return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
@@ -231,9 +243,9 @@ def method_context(config: RunConfig, data: TrainingData, runtime: Runtime, num_
         if samples is None:
             raise KdcliError("this method needs a validation split: set --val-split above 0")
         loader = BatchLoader(samples, batch_size=batch_size or train.batch_size, shuffle=shuffle, device=runtime.device, seed=seed)
-        generator = torch.Generator(runtime.device).manual_seed(seed)
+        augmentation = EpochAugmentation(data.augment, len(samples), seed, runtime.device) if augment else None
         for images, targets, index in loader:
-            inputs = data.augment(images, generator) if augment else normalize(images, data.mean, data.std)
+            inputs = normalize(images, data.mean, data.std) if augmentation is None else augmentation(images, index)
             yield Batch(inputs, targets, index)
 
     return MethodContext(
@@ -338,8 +350,10 @@ class Trainer:
         checkpoint_template: CheckpointInfo,
         *,
         show_progress: bool = True,
+        teacher_cache: CachedTeacher | None = None,
     ) -> None:
         self.method = method
+        self.teacher_cache = teacher_cache
         self.data = data
         self.config = config
         self.runtime = runtime
@@ -430,7 +444,6 @@ class Trainer:
             self.position_method_state = state["method"]
             rng = self.position["rng"]
             torch.Generator().set_state(rng["torch"])  # fail here, not mid-epoch, on a state torch refuses
-            torch.Generator(self.runtime.device).set_state(rng["augment"])
 
     def _state_problem(self, state: Any) -> str | None:
         """The first way ``state`` differs from what this run would save, or None."""
@@ -493,22 +506,21 @@ class Trainer:
         if not isinstance(sums, dict):
             return "position/tally/sums should be a mapping"
         zeros = EpochTally(lr=0.0, correct=torch.zeros(()), sums={name: torch.zeros(()) for name in sums})
-        template = {"epoch": 0, "tally": zeros.state(), "rng": self._rng_states(torch.Generator(self.runtime.device))}
+        template = {"epoch": 0, "tally": zeros.state(), "rng": self._rng_states()}
         if found := structure_mismatch(position, template, "position"):
             return found
         if position["epoch"] != epoch + 1 or not 0 <= position["tally"]["step"] < len(self.train_loader):
             return f"position is not inside epoch {epoch + 1}"
         return None
 
-    def _rng_states(self, generator: torch.Generator) -> dict[str, Tensor]:
-        states = {"torch": torch.get_rng_state(), "augment": generator.get_state()}
+    def _rng_states(self) -> dict[str, Tensor]:
+        states = {"torch": torch.get_rng_state()}
         if self.runtime.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(self.runtime.device)
         return states
 
-    def _set_rng_states(self, states: dict[str, Tensor], generator: torch.Generator) -> None:
+    def _set_rng_states(self, states: dict[str, Tensor]) -> None:
         torch.set_rng_state(states["torch"])
-        generator.set_state(states["augment"])
         if "cuda" in states:
             torch.cuda.set_rng_state(states["cuda"], self.runtime.device)
 
@@ -545,15 +557,16 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         runtime, train = self.runtime, self.config.train
-        seed = epoch_seed(train.seed, epoch, runtime.rank)
-        torch.manual_seed(seed)
-        generator = torch.Generator(runtime.device).manual_seed(seed)
+        torch.manual_seed(epoch_seed(train.seed, epoch, runtime.rank))
+        augmentation = EpochAugmentation(self.data.augment, len(self.data.train), augmentation_seed(train.seed, epoch), runtime.device)
         self.train_loader.set_epoch(epoch)
         self.student.train()
         self.extra_modules.train()
         self.method.on_epoch_start(epoch)
+        if self.teacher_cache is not None:
+            self.teacher_cache.start_epoch(epoch)
         if self.position is not None:
-            tally = self._continue_inside_epoch(generator)
+            tally = self._continue_inside_epoch()
         else:
             tally = EpochTally(lr=self.optimizer.param_groups[0]["lr"], correct=torch.zeros((), device=runtime.device))
         steps = len(self.train_loader)
@@ -561,11 +574,13 @@ class Trainer:
         with self._progress(epoch, tally.step) as advance:
             for images, targets, index in itertools.islice(self.train_loader, tally.step, None):
                 if self.stop.received is not None:
-                    self._stop_inside_epoch(epoch, tally, generator, started)
-                inputs = self.data.augment(images, generator)
+                    self._stop_inside_epoch(epoch, tally, started)
+                inputs = augmentation(images, index)
                 if train.channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
-                output = self.train_step(Batch(inputs, targets, index))
+                batch = Batch(inputs, targets, index)
+                with self._serving_teacher(batch):
+                    output = self.train_step(batch)
                 tally.step += 1
                 if output is None:
                     tally.skipped += 1
@@ -578,22 +593,23 @@ class Trainer:
         tally.elapsed += time.perf_counter() - started
         return self._epoch_record(epoch, tally)
 
-    def _continue_inside_epoch(self, generator: torch.Generator) -> EpochTally:
+    def _continue_inside_epoch(self) -> EpochTally:
         """Pick up a mid-epoch resume state after ``on_epoch_start`` has run again.
 
         ``on_epoch_start`` re-creates what a method derives from the epoch number;
         the saved method state then overrides whatever else it changed.
+        Augmentation needs no state: it is a function of (seed, epoch, sample).
         """
         position, self.position = self.position, None
         self.method.load_state_dict(self.position_method_state)
-        self._set_rng_states(position["rng"], generator)
+        self._set_rng_states(position["rng"])
         return EpochTally.from_state(position["tally"], self.runtime.device)
 
     def _epoch_record(self, epoch: int, tally: EpochTally) -> dict[str, Any]:
         device = self.runtime.device
         totals = self.runtime.all_reduce_sum(torch.stack([tally.correct, torch.tensor(float(tally.seen), device=device)]))
         means = {name: (self.runtime.all_reduce_sum(value) / totals[1]).item() for name, value in tally.sums.items()}
-        return {
+        record = {
             "epoch": epoch,
             "lr": tally.lr,
             "time_s": round(tally.elapsed, 3),
@@ -603,6 +619,13 @@ class Trainer:
             "skipped_steps": tally.skipped,
             "method": {name.split("/", 1)[1]: value for name, value in means.items() if name.startswith("log/")},
         }
+        if self.teacher_cache is not None:
+            record["teacher_cache"] = self.teacher_cache.finish_epoch()
+        return record
+
+    def _serving_teacher(self, batch: Batch) -> Any:
+        """With --cache-teacher, the teacher answers calls on this batch's inputs from its table."""
+        return nullcontext() if self.teacher_cache is None else self.teacher_cache.serving(batch)
 
     def train_step(self, batch: Batch) -> StepOutput | None:
         """One optimizer step; None when ``train.nonfinite_loss = skip`` dropped it for a non-finite loss."""
@@ -681,12 +704,12 @@ class Trainer:
         kept = f"{self.run_dir.last_path} (epoch {self.history[-1]['epoch']}) is kept as it was" if self.history else "no epoch had been saved yet"
         return NonFiniteLoss(f"{what}; training stopped and {kept}; to skip such steps instead: --set train.nonfinite_loss=skip")
 
-    def _stop_inside_epoch(self, epoch: int, tally: EpochTally, generator: torch.Generator, started: float) -> NoReturn:
+    def _stop_inside_epoch(self, epoch: int, tally: EpochTally, started: float) -> NoReturn:
         """Save an exact resume state after the last finished step and end the run."""
         self._check_finite(epoch)  # never save a state a bad step has already spoiled
         tally.elapsed += time.perf_counter() - started
         label = f"step {tally.step}/{len(self.train_loader)} of epoch {epoch}"
-        position = {"epoch": epoch, "tally": tally.state(), "rng": self._rng_states(generator)}
+        position = {"epoch": epoch, "tally": tally.state(), "rng": self._rng_states()}
         with self._writing():
             save_state(self.run_dir.resume_path, self.state(epoch - 1, position), label=label)
         last = f"{self.run_dir.last_path} holds epoch {epoch - 1}" if self.history else "no epoch is complete yet"

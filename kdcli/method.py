@@ -20,6 +20,12 @@ The contract, with a complete example, is documented in ``docs/plugins.md``;
 ``API_VERSION`` (MAJOR.MINOR) versions it: a plugin declares the version it
 was written against in ``Method.api_version`` and loads when the major
 versions agree and its minor version is not newer than kdcli's.
+
+With ``kdcli distill --cache-teacher`` the ``teacher`` a method receives is a
+stand-in that answers calls on the current ``batch.inputs`` from a table of
+the teacher's logits (other inputs run the real teacher); anything beyond
+calling it (``forward_intermediates``, its layers, ``train()``) raises an error
+telling the user to drop ``--cache-teacher``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from torchvision import datasets
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from kdcli.data.augment import BatchAugment, crop_padded, normalize, rotate
+from kdcli.data.augment import BatchAugment, EpochAugmentation, crop_flip, crop_padded, normalize, rotate
 from kdcli.data.bundle import DataBundle, ImageSplit, split_train_val
 from kdcli.data.loader import BatchLoader
 from kdcli.data.synthetic import bayes_accuracy, make_synthetic
@@ -236,6 +236,31 @@ def test_crop_padded_matches_torchvision_crop() -> None:
     for i in range(len(images)):
         expected = TF.crop(TF.pad(images[i], [padding]), int(top[i]), int(left[i]), 8, 8)
         assert torch.equal(cropped[i], expected)
+
+
+def test_crop_flip_is_crop_then_flip_per_sample() -> None:
+    images, padding = random_images(6), 2
+    top, left = torch.tensor([0, 4, 1, 2, 4, 3]), torch.tensor([4, 0, 2, 3, 1, 0])
+    flip = torch.tensor([True, False, True, True, False, False])
+    out = crop_flip(images, padding, top, left, flip)
+    for i in range(len(images)):
+        expected = TF.crop(TF.pad(images[i], [padding]), int(top[i]), int(left[i]), 8, 8)
+        assert torch.equal(out[i], TF.horizontal_flip(expected) if flip[i] else expected)
+    assert torch.equal(crop_flip(images, 0, None, None, flip), torch.where(flip[:, None, None, None], images.flip(-1), images))
+
+
+def test_epoch_augmentation_depends_on_sample_not_on_batching() -> None:
+    """Sample i's view is the same whatever batch, order or shard it comes in: replayable."""
+    images = random_images(40)
+    augment = BatchAugment(MEAN, STD, crop_padding=2, hflip=True, rotation=10.0)
+    whole = EpochAugmentation(augment, 40, seed=7, device=CPU)(images, torch.arange(40))
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(1))
+    for batch_size in (3, 16):
+        replay = EpochAugmentation(augment, 40, seed=7, device=CPU)
+        for index in order.split(batch_size):
+            assert torch.equal(replay(images[index], index), whole[index])
+    other_seed = EpochAugmentation(augment, 40, seed=8, device=CPU)(images, torch.arange(40))
+    assert not torch.equal(other_seed, whole)
 
 
 def test_augment_crops_each_sample_at_its_own_offset() -> None:

@@ -11,13 +11,14 @@ from pydantic import ValidationError
 
 from kdcli.checkpoint import CheckpointInfo, load_checkpoint
 from kdcli.config import RunConfig, format_validation_error, load_resolved_config
-from kdcli.engine import Trainer, method_context, predict, prepare_student, prepare_teacher, setup_runtime
+from kdcli.engine import Runtime, Trainer, TrainingData, method_context, predict, prepare_student, prepare_teacher, setup_runtime
 from kdcli.errors import UsageError
 from kdcli.jobs.common import check_fits, load_data, model_from_checkpoint, new_model, require_model, training_data
 from kdcli.method import Method, MethodParams
 from kdcli.metrics import classification_report
 from kdcli.registry import get_method
 from kdcli.rundir import RunDir, existing_run_dir, prepare_run_dir
+from kdcli.teacher_cache import CachedTeacher, cache_key
 
 DEFAULT_MODELS = {"teach": "cifar_resnet20", "distill": "cifar_resnet8"}
 
@@ -79,6 +80,20 @@ def resolve_config(config: RunConfig) -> tuple[RunConfig, type[Method], MethodPa
     return resolved, method_cls, params
 
 
+def cached_teacher(teacher: torch.nn.Module, teacher_path: Path, data: TrainingData, seed: int, runtime: Runtime) -> CachedTeacher:
+    """The teacher behind a table of its logits on the training split (``--cache-teacher``)."""
+    key = cache_key(teacher_path, data.train, data.augment, seed=seed, precision=str(runtime.autocast_dtype))
+    return CachedTeacher(
+        teacher,
+        teacher_path=teacher_path,
+        key=key,
+        num_samples=len(data.train),
+        per_epoch=data.augment.is_random,
+        all_reduce_sum=runtime.all_reduce_sum,
+        writes=runtime.is_main,
+    )
+
+
 def run_training(
     config: RunConfig,
     out: Path,
@@ -120,10 +135,15 @@ def run_training(
     torch.manual_seed(config.train.seed)
     student = new_model(config.model.name, num_classes=bundle.num_classes, input_size=bundle.input_size)
     data = training_data(bundle, config.data)
+    teacher_cache = None
+    if teacher is not None:
+        teacher = prepare_teacher(teacher, runtime, config.train)
+        if config.train.cache_teacher:
+            teacher_cache = cached_teacher(teacher, config.teacher, data, config.train.seed, runtime)
     method = method_cls(
         params,
         student=prepare_student(student, runtime, config.train),
-        teacher=None if teacher is None else prepare_teacher(teacher, runtime, config.train),
+        teacher=teacher if teacher_cache is None else teacher_cache,
         context=method_context(config, data, runtime, bundle.num_classes),
     )
     template = CheckpointInfo(
@@ -137,7 +157,7 @@ def run_training(
         data=config.data.model_dump(mode="json"),
         config=config.model_dump(mode="json"),
     )
-    trainer = Trainer(method, data, config, runtime, run_dir, template, show_progress=show_progress)
+    trainer = Trainer(method, data, config, runtime, run_dir, template, show_progress=show_progress, teacher_cache=teacher_cache)
     if resume:
         trainer.resume()
     history = trainer.fit()
@@ -157,7 +177,7 @@ def run_training(
         history=history,
         best_epoch=trainer.best["epoch"] if config.train.keep_best else None,
         test=test_report(trainer.student),
-        teacher_test=None if teacher is None else test_report(method.teacher),
+        teacher_test=None if teacher is None else test_report(teacher),
         teacher_arch=teacher_arch,
     )
     runtime.shutdown()

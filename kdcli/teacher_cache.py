@@ -1,0 +1,279 @@
+"""Teacher-output caching (``kdcli distill --cache-teacher``): the frozen teacher's logits, computed once.
+
+``CachedTeacher`` stands in for the teacher module a method receives. Before
+each training step the engine tells it which batch is being trained
+(``serving``); a call on exactly that batch's inputs returns the logits stored
+for its samples and runs the real teacher only for samples not stored yet.
+Every other call (other inputs, a perturbed copy, a method's own data access)
+runs the real teacher, so a method gets the teacher's true outputs either way.
+
+What is stored:
+
+* without random augmentation, one [N, C] table for the whole run: filled in
+  epoch 1 and reused by every later epoch and later run;
+* with random augmentation, one table per epoch: augmentation is replayable
+  (sample i's view is a function of seed, epoch and i), so a later run with the
+  same teacher, data, augmentation and seed reuses the tables of the epochs it
+  shares (``sweep-checkpoints`` distilling many students from one teacher).
+
+Tables live next to the teacher checkpoint as safetensors state files,
+``teacher-cache/TEACHER.KEY[.epochNNNN].safetensors`` in the teacher's folder
+(a sub-folder, so globs for checkpoints such as ``checkpoints/epoch_*.safetensors``
+never pick up a table); KEY hashes the teacher file's bytes, the training
+split's pixels and labels, normalization, augmentation, seed and precision, so
+any change of those starts a new table.
+
+Only logits are cached: a method that asks the teacher for anything else
+(features through ``forward_intermediates``, layers to hook, training mode)
+gets a ``TeacherCacheError`` naming what it asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdcli.checkpoint import load_state, save_state
+from kdcli.data.augment import BatchAugment
+from kdcli.data.bundle import ImageSplit
+from kdcli.errors import KdcliError, UsageError
+from kdcli.method import Batch
+
+# Bump when the meaning of a stored table changes (how augmentation is drawn or seeded).
+CACHE_FORMAT = 1
+HASH_CHUNK_BYTES = 1 << 24
+CACHE_FOLDER = "teacher-cache"
+
+
+class TeacherCacheError(KdcliError, AttributeError):
+    """A method asked the cached teacher for more than its logits.
+
+    Also an ``AttributeError``, so ``hasattr(teacher, name)`` answers False.
+    """
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def split_digest(split: ImageSplit) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in (split.images, split.targets):
+        digest.update(tensor.contiguous().numpy().data)
+    return digest.hexdigest()
+
+
+def cache_key(teacher_path: Path, train: ImageSplit, augment: BatchAugment, *, seed: int, precision: str) -> str:
+    """What the stored logits are a function of, hashed to 16 hex digits."""
+    facts = {
+        "format": CACHE_FORMAT,
+        "teacher": file_digest(teacher_path),
+        "train": split_digest(train),
+        "mean": augment.mean,
+        "std": augment.std,
+        "augment": {"crop_padding": augment.crop_padding, "hflip": augment.hflip, "rotation": augment.rotation},
+        "seed": seed if augment.is_random else None,
+        "precision": precision,
+    }
+    return hashlib.blake2b(json.dumps(facts, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def cache_path(teacher_path: Path, key: str, epoch: int | None) -> Path:
+    """``teacher-cache/TEACHER.KEY.safetensors`` beside the teacher, with ``.epochNNNN`` for per-epoch tables."""
+    suffix = "" if epoch is None else f".epoch{epoch:04d}"
+    return teacher_path.parent / CACHE_FOLDER / f"{teacher_path.stem}.{key}{suffix}.safetensors"
+
+
+def check_writable(teacher_path: Path) -> None:
+    folder = teacher_path.parent / CACHE_FOLDER
+    if not os.access(folder if folder.exists() else teacher_path.parent, os.W_OK):
+        raise UsageError(f"--cache-teacher stores the teacher's logits in {folder}, which is not writable")
+
+
+class CachedTeacher(nn.Module):
+    """A frozen teacher whose logits on training batches come from a per-sample table.
+
+    ``per_epoch``: one table per epoch (random, replayable augmentation) instead
+    of one for the run. ``all_reduce_sum`` sums a tensor over processes (identity
+    in a single process); only the process with ``writes`` saves files.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        *,
+        teacher_path: Path,
+        key: str,
+        num_samples: int,
+        per_epoch: bool,
+        all_reduce_sum: Callable[[Tensor], Tensor] = lambda tensor: tensor,
+        writes: bool = True,
+    ) -> None:
+        super().__init__()
+        if writes:
+            check_writable(teacher_path)
+        # Kept out of nn.Module's registry: hooks on the real teacher's layers
+        # would silently not run on cache hits, so its layers are not reachable.
+        object.__setattr__(self, "_live", teacher)
+        object.__setattr__(self, "_teacher_path", teacher_path)
+        self.key = key
+        self.num_samples = num_samples
+        self.per_epoch = per_epoch
+        self._all_reduce_sum = all_reduce_sum
+        self._writes = writes
+        self._logits: Tensor | None = None  # [N, C], created by the first teacher output or a loaded file
+        self._filled: Tensor | None = None  # bool [N]: rows of _logits that hold the teacher's output
+        self._fresh: Tensor | None = None  # bool [N]: rows computed in this epoch by this process
+        self._complete = False  # every row filled: known without asking the device
+        self._table_epoch: int | None = None  # the epoch whose table is loaded (per_epoch); 0: the run's table
+        self._serving: Batch | None = None
+        self._serving_version = 0
+        self._hits = 0
+        self._computed = 0
+        self.eval()
+
+    # -- the module methods needs ---------------------------------------------------------------
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        batch = self._serving
+        if batch is None or inputs is not batch.inputs or inputs._version != self._serving_version:
+            return self._run_teacher(inputs)
+        return self._lookup(batch.index, inputs)
+
+    def train(self, mode: bool = True) -> CachedTeacher:
+        if mode:
+            raise TeacherCacheError(
+                "the method puts the teacher in training mode, so its outputs depend on the batch and cannot be "
+                "cached; run it without --cache-teacher"
+            )
+        return super().train(False)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+            raise TeacherCacheError(
+                f"the method uses teacher.{name}, but --cache-teacher keeps only the teacher's logits; "
+                "run this method without --cache-teacher"
+            ) from None
+
+    # -- what the engine calls ------------------------------------------------------------------
+
+    def start_epoch(self, epoch: int) -> None:
+        """Make the table of ``epoch`` current: loaded from its file, or empty."""
+        table_epoch = epoch if self.per_epoch else 0
+        if table_epoch != self._table_epoch:
+            self._table_epoch = table_epoch
+            self._logits, self._filled, self._complete = None, None, False
+            self._load(self._path(table_epoch))
+        if self._filled is not None:
+            self._fresh = torch.zeros_like(self._filled)
+        self._hits = self._computed = 0
+
+    @contextmanager
+    def serving(self, batch: Batch) -> Iterator[None]:
+        """While training on ``batch``, calls on ``batch.inputs`` are answered from the table."""
+        self._serving, self._serving_version = batch, batch.inputs._version
+        try:
+            yield
+        finally:
+            self._serving = None
+
+    def finish_epoch(self) -> dict[str, int]:
+        """Merge what every process computed, save the table if it grew, and report hits and computed samples."""
+        counts = self._all_reduce_sum(torch.tensor([self._hits, self._computed], dtype=torch.float64, device=self._device()))
+        hits, computed = (int(value) for value in counts.tolist())
+        if computed:
+            self._merge_fresh_rows()
+            self._complete = bool(self._filled.all())
+            if self._writes:
+                self._save(self._path(self._table_epoch))
+        return {"hits": hits, "computed": computed}
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _path(self, table_epoch: int | None) -> Path:
+        return cache_path(self._teacher_path, self.key, table_epoch if self.per_epoch else None)
+
+    @torch.no_grad()
+    def _run_teacher(self, inputs: Tensor) -> Tensor:
+        return self._live(inputs)
+
+    def _lookup(self, index: Tensor, inputs: Tensor) -> Tensor:
+        if not self._complete:
+            missing = self._missing_rows(index)
+            if missing.numel() == len(index):
+                self._store(index, self._run_teacher(inputs))  # the whole batch: exactly the uncached computation
+            elif missing.numel():
+                self._store(index[missing], self._run_teacher(inputs[missing]))
+            self._computed += missing.numel()
+            self._hits += len(index) - missing.numel()
+        else:
+            self._hits += len(index)
+        return self._logits[index]
+
+    def _missing_rows(self, index: Tensor) -> Tensor:
+        """Positions within the batch whose samples have no stored logits (asks the device)."""
+        if self._filled is None:
+            return torch.arange(len(index), device=index.device)
+        return (~self._filled[index]).nonzero().squeeze(1)
+
+    def _store(self, rows: Tensor, logits: Tensor) -> None:
+        if self._logits is None:
+            self._allocate(logits.shape[1], logits.dtype, logits.device)
+        self._logits[rows] = logits.to(self._logits.dtype)
+        self._filled[rows] = True
+        self._fresh[rows] = True
+
+    def _allocate(self, num_classes: int, dtype: torch.dtype, device: torch.device) -> None:
+        self._logits = torch.zeros(self.num_samples, num_classes, dtype=dtype, device=device)
+        self._filled = torch.zeros(self.num_samples, dtype=torch.bool, device=device)
+        self._fresh = torch.zeros_like(self._filled)
+
+    def _merge_fresh_rows(self) -> None:
+        """Give every process the rows any process computed; rows computed twice are averaged.
+
+        Every process trains the same number of batches, and one without a table
+        misses on all of them, so each process has a table here.
+        """
+        fresh = self._fresh.unsqueeze(1)
+        sums = self._all_reduce_sum(torch.where(fresh, self._logits.float(), 0.0))
+        counts = self._all_reduce_sum(self._fresh.float()).unsqueeze(1)
+        computed = counts > 0
+        self._logits = torch.where(computed, sums / counts.clamp(min=1), self._logits.float()).to(self._logits.dtype)
+        self._filled |= computed.squeeze(1)
+
+    def _load(self, path: Path) -> None:
+        if not path.exists():
+            return
+        try:
+            stored = load_state(path)
+        except KdcliError:
+            return  # unreadable: recomputed and replaced
+        logits, filled = stored.get("logits"), stored.get("filled")
+        if stored.get("key") != self.key or logits is None or filled is None or len(filled) != self.num_samples:
+            return  # another table under a colliding name: recomputed and replaced
+        device = self._device()
+        self._logits, self._filled = logits.to(device), filled.to(device)
+        self._complete = bool(self._filled.all())
+
+    def _save(self, path: Path) -> None:
+        save_state(path, {"key": self.key, "logits": self._logits, "filled": self._filled})
+
+    def _device(self) -> torch.device:
+        parameter = next(self._live.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")

@@ -1,0 +1,163 @@
+"""--cache-teacher: stored teacher logits equal recomputed ones, across epochs and runs, and only logits are served."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from conftest import TINY, run_cli
+from kdcli.data.augment import BatchAugment, EpochAugmentation
+from kdcli.data.bundle import ImageSplit
+from kdcli.method import Batch
+from kdcli.teacher_cache import CachedTeacher, TeacherCacheError, cache_key, cache_path
+
+NUM_SAMPLES = 50
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+CROP_FLIP = BatchAugment(MEAN, STD, crop_padding=2, hflip=True)
+NO_RANDOMNESS = BatchAugment(MEAN, STD, crop_padding=0, hflip=False)
+
+
+def small_teacher() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randint(256, (NUM_SAMPLES, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def teacher_path(tmp_path: Path) -> Path:
+    path = tmp_path / "teacher.safetensors"
+    path.write_bytes(b"stands in for a checkpoint: only its bytes are hashed")
+    return path
+
+
+def new_cache(teacher: nn.Module, teacher_path: Path, *, per_epoch: bool) -> CachedTeacher:
+    return CachedTeacher(teacher, teacher_path=teacher_path, key="0123abcd", num_samples=NUM_SAMPLES, per_epoch=per_epoch)
+
+
+def train_epoch(cache: CachedTeacher, images: torch.Tensor, augment: BatchAugment, epoch: int, batch_size: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, int]]:
+    """What the engine does around the method's teacher calls; returns (inputs, served logits) per batch."""
+    cache.start_epoch(epoch)
+    views = EpochAugmentation(augment, NUM_SAMPLES, seed=epoch, device=torch.device("cpu"))
+    order = torch.randperm(NUM_SAMPLES, generator=torch.Generator().manual_seed(batch_size + epoch))
+    served = []
+    for index in order.split(batch_size):
+        batch = Batch(views(images[index], index), torch.zeros(len(index), dtype=torch.int64), index)
+        with cache.serving(batch):
+            served.append((batch.inputs, cache(batch.inputs)))
+    return served, cache.finish_epoch()
+
+
+def assert_equals_recomputed(teacher: nn.Module, served: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for inputs, logits in served:
+            torch.testing.assert_close(logits, teacher(inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_per_epoch_tables_are_reused_by_a_later_run(images: torch.Tensor, teacher_path: Path) -> None:
+    teacher = small_teacher()
+    first = new_cache(teacher, teacher_path, per_epoch=True)
+    for epoch in (1, 2):
+        served, stats = train_epoch(first, images, CROP_FLIP, epoch, batch_size=16)
+        assert stats == {"hits": 0, "computed": NUM_SAMPLES}
+        assert cache_path(teacher_path, "0123abcd", epoch).is_file()
+    # A later run: other batch size and order, same (seed, epoch) views -> every logit from the tables.
+    later = new_cache(teacher, teacher_path, per_epoch=True)
+    for epoch in (1, 2):
+        served, stats = train_epoch(later, images, CROP_FLIP, epoch, batch_size=7)
+        assert stats == {"hits": NUM_SAMPLES, "computed": 0}
+        assert_equals_recomputed(teacher, served)
+    _, stats = train_epoch(later, images, CROP_FLIP, 3, batch_size=7)
+    assert stats == {"hits": 0, "computed": NUM_SAMPLES}  # an epoch no run has seen yet
+
+
+def test_one_table_without_augmentation(images: torch.Tensor, teacher_path: Path) -> None:
+    teacher = small_teacher()
+    cache = new_cache(teacher, teacher_path, per_epoch=False)
+    assert train_epoch(cache, images, NO_RANDOMNESS, 1, batch_size=16)[1] == {"hits": 0, "computed": NUM_SAMPLES}
+    served, stats = train_epoch(cache, images, NO_RANDOMNESS, 2, batch_size=9)
+    assert stats == {"hits": NUM_SAMPLES, "computed": 0}
+    assert_equals_recomputed(teacher, served)
+    assert [path.name for path in (teacher_path.parent / "teacher-cache").iterdir()] == ["teacher.0123abcd.safetensors"]
+    served, stats = train_epoch(new_cache(teacher, teacher_path, per_epoch=False), images, NO_RANDOMNESS, 5, batch_size=50)
+    assert stats == {"hits": NUM_SAMPLES, "computed": 0}
+    assert_equals_recomputed(teacher, served)
+
+
+def test_calls_on_other_inputs_run_the_real_teacher(images: torch.Tensor, teacher_path: Path) -> None:
+    teacher = small_teacher()
+    cache = new_cache(teacher, teacher_path, per_epoch=False)
+    train_epoch(cache, images, NO_RANDOMNESS, 1, batch_size=NUM_SAMPLES)  # fills the table
+    cache.start_epoch(2)
+    index = torch.arange(10)
+    batch = Batch(NO_RANDOMNESS(images[index]), torch.zeros(10, dtype=torch.int64), index)
+    with torch.no_grad(), cache.serving(batch):
+        noisy = batch.inputs + 0.5
+        torch.testing.assert_close(cache(noisy), teacher(noisy))  # a method's own view of the batch
+        torch.testing.assert_close(cache(batch.inputs), teacher(batch.inputs), rtol=1e-5, atol=1e-6)  # from the table
+        batch.inputs.mul_(0.5)  # changed in place: no longer the inputs the table holds logits of
+        torch.testing.assert_close(cache(batch.inputs), teacher(batch.inputs))
+    torch.testing.assert_close(cache(batch.inputs), teacher(batch.inputs))  # outside a training step
+    assert cache.finish_epoch() == {"hits": 10, "computed": 0}  # only the unchanged batch.inputs call was served
+
+
+def test_more_than_logits_is_a_clear_error(teacher_path: Path) -> None:
+    cache = new_cache(small_teacher(), teacher_path, per_epoch=False)
+    with pytest.raises(TeacherCacheError, match="teacher.forward_intermediates.*without --cache-teacher"):
+        cache.forward_intermediates
+    assert not hasattr(cache, "num_features")
+    assert list(cache.modules()) == [cache]  # the real teacher's layers cannot be hooked
+    with pytest.raises(TeacherCacheError, match="training mode"):
+        cache.train()
+    cache.eval()
+
+
+def test_key_changes_with_what_the_logits_depend_on(images: torch.Tensor, teacher_path: Path) -> None:
+    split = ImageSplit(images, torch.zeros(NUM_SAMPLES, dtype=torch.int64))
+    key = cache_key(teacher_path, split, CROP_FLIP, seed=0, precision="None")
+    assert key == cache_key(teacher_path, split, CROP_FLIP, seed=0, precision="None")
+    others = [
+        cache_key(teacher_path, split, CROP_FLIP, seed=1, precision="None"),
+        cache_key(teacher_path, split, BatchAugment(MEAN, STD, crop_padding=3, hflip=True), seed=0, precision="None"),
+        cache_key(teacher_path, split, CROP_FLIP, seed=0, precision="torch.bfloat16"),
+        cache_key(teacher_path, split.subset(torch.arange(NUM_SAMPLES - 1)), CROP_FLIP, seed=0, precision="None"),
+    ]
+    assert key not in others and len(set(others)) == len(others)
+    # Without random augmentation the seed does not matter.
+    assert cache_key(teacher_path, split, NO_RANDOMNESS, seed=0, precision="None") == cache_key(teacher_path, split, NO_RANDOMNESS, seed=5, precision="None")
+    teacher_path.write_bytes(b"retrained")
+    assert cache_key(teacher_path, split, CROP_FLIP, seed=0, precision="None") != key
+
+
+def test_distill_cache_teacher_replays_a_run_exactly(teacher_run: Path, tmp_path: Path) -> None:
+    """A second run reads every teacher logit from the first run's tables and ends at the same weights."""
+    teacher = tmp_path / "teacher.safetensors"
+    shutil.copy(teacher_run / "last.safetensors", teacher)
+    args = ["--teacher", teacher, "--cache-teacher", "--epochs", 2, "--set", "train.deterministic=true",
+            "--set", "data.crop_padding=2", "--set", "data.hflip=true", *TINY]
+    for name in ("first", "second"):
+        result = run_cli("distill", *args, "--out", tmp_path / name)
+        assert result.exit_code == 0, result
+    records = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("first", "second")}
+    assert all(record["teacher_cache"]["hits"] == 0 for record in records["first"])
+    assert all(record["teacher_cache"]["computed"] == 0 and record["teacher_cache"]["hits"] > 0 for record in records["second"])
+    assert len(list((tmp_path / "teacher-cache").glob("teacher.*.epoch000[12].safetensors"))) == 2
+    first = safetensors.torch.load_file(tmp_path / "first" / "last.safetensors")
+    second = safetensors.torch.load_file(tmp_path / "second" / "last.safetensors")
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_cache_teacher_needs_a_teacher(tmp_path: Path) -> None:
+    result = run_cli("distill", "--method", "standard", "--cache-teacher", "--out", tmp_path / "run", *TINY)
+    assert result.exit_code == 2 and "--teacher" in result.stderr and "Traceback" not in result.stderr
