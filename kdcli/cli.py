@@ -17,6 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdcli import __version__
@@ -153,6 +154,9 @@ def _print_summary(summary: TrainingSummary, *, as_json: bool) -> None:
     for arch, role, report in rows:
         table.add_row(arch, role, f"{report['top1']:.4f}", f"{report['top5']:.4f}", f"{report['nll']:.4f}", f"{report['ece']:.4f}")
     stdout.print(table)
+    if summary.teacher_relation is not None:
+        relation = summary.teacher_relation
+        stdout.print(f"teacher vs student: [bold]{relation.kind}[/bold]: {escape('; '.join(relation.facts()))}", highlight=False)
     stdout.print(f"checkpoint: {summary.run_dir / 'last.safetensors'}")
 
 

@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from kdcli.checkpoint import CheckpointInfo, load_checkpoint, load_state
+from kdcli.checkpoint import CheckpointInfo, load_checkpoint, load_state, read_checkpoint_info
 from kdcli.config import RunConfig, format_validation_error, load_resolved_config
 from kdcli.engine import Trainer, method_context, predict, prepare_student, prepare_teacher, setup_runtime
 from kdcli.errors import UsageError
 from kdcli.jobs.common import check_fits, load_data, model_from_checkpoint, training_data
+from kdcli.jobs.teacher_relation import TeacherRelation
 from kdcli.method import Method, MethodParams
 from kdcli.metrics import classification_report
 from kdcli.models import create_model
@@ -32,6 +33,7 @@ class TrainingSummary:
     test: dict[str, float]
     teacher_test: dict[str, float] | None
     teacher_arch: str | None
+    teacher_relation: TeacherRelation | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +48,7 @@ class TrainingSummary:
             "best_epoch": self.best_epoch,
             "test": self.test,
             "teacher_test": self.teacher_test,
+            "teacher_relation": None if self.teacher_relation is None else self.teacher_relation.as_dict(),
         }
 
 
@@ -55,15 +58,16 @@ def resolve_config(config: RunConfig) -> tuple[RunConfig, type[Method], MethodPa
     if config.job not in method_cls.roles:
         other = "distill" if config.job == "teach" else "teach"
         raise UsageError(f"method {config.method.name!r} is not a {config.job} method; use kdcli {other} --method {config.method.name}")
+    note = f" ({method_cls.teacher_note})" if method_cls.teacher_note else ""
     if method_cls.teacher_use == "required" and config.teacher is None:
-        raise UsageError(f"method {config.method.name!r} needs a teacher: pass --teacher CKPT.safetensors")
+        raise UsageError(f"method {config.method.name!r} needs a teacher{note}: pass --teacher CKPT.safetensors")
     if method_cls.teacher_use == "none" and config.teacher is not None:
-        raise UsageError(f"method {config.method.name!r} uses no teacher network; drop --teacher")
+        raise UsageError(f"method {config.method.name!r} uses no teacher network{note}; drop --teacher")
     try:
         params = method_cls.Params.model_validate(config.method.params)
     except ValidationError as exc:
         raise UsageError(f"invalid method hyperparameters: {format_validation_error(exc, prefix='method')}") from None
-    model_name = config.model.name or DEFAULT_MODELS[config.job]
+    model_name = config.model.name or default_model_name(config, method_cls)
     resolved = config.model_copy(
         update={
             "model": config.model.model_copy(update={"name": model_name}),
@@ -71,6 +75,13 @@ def resolve_config(config: RunConfig) -> tuple[RunConfig, type[Method], MethodPa
         }
     )
     return resolved, method_cls, params
+
+
+def default_model_name(config: RunConfig, method_cls: type[Method]) -> str:
+    """The student when ``--model`` is not given: the teacher's architecture for self-distillation."""
+    if method_cls.student_defaults_to_teacher_arch and config.teacher is not None:
+        return read_checkpoint_info(config.teacher).arch
+    return DEFAULT_MODELS[config.job]
 
 
 def run_training(
@@ -93,12 +104,11 @@ def run_training(
     config, method_cls, params = resolve_config(config)
     load_model_plugins()
     bundle = load_data(config.data)
-    teacher_arch = None
-    teacher = None
+    teacher: torch.nn.Module | None = None
+    teacher_info: CheckpointInfo | None = None
     if config.teacher is not None:
         teacher, teacher_info = model_from_checkpoint(config.teacher)
         check_fits(teacher_info, bundle, config.teacher)
-        teacher_arch = teacher_info.arch
     runtime = setup_runtime(config.train)
     if resume:
         resume_state = load_state(run_dir.resume_path)
@@ -141,12 +151,21 @@ def run_training(
         logits = predict(model, bundle.test, mean=bundle.mean, std=bundle.std, device=runtime.device, batch_size=config.train.eval_batch_size)
         return classification_report(logits, bundle.test.targets)
 
+    test = test_report(trainer.student)
+    teacher_test: dict[str, float] | None = None
+    relation: TeacherRelation | None = None
+    if teacher is not None and teacher_info is not None:
+        teacher_test = test_report(method.teacher)
+        relation = TeacherRelation.of(
+            teacher, teacher_info, trainer.student, config.model.name, teacher_test["top1"], test["top1"]
+        )
     return TrainingSummary(
         run_dir=run_dir.root,
         config=config,
         history=history,
         best_epoch=trainer.best["epoch"] if config.train.keep_best else None,
-        test=test_report(trainer.student),
-        teacher_test=None if teacher is None else test_report(method.teacher),
-        teacher_arch=teacher_arch,
+        test=test,
+        teacher_test=teacher_test,
+        teacher_arch=None if teacher_info is None else teacher_info.arch,
+        teacher_relation=relation,
     )
