@@ -194,6 +194,9 @@ def _print_summary(summary: TrainingSummary, *, as_json: bool) -> None:
     stdout.print(table)
     if summary.skipped_steps:
         stdout.print(f"skipped {summary.skipped_steps} steps with a non-finite loss (train.nonfinite_loss=skip)")
+    if summary.teacher_relation is not None:
+        relation = summary.teacher_relation
+        stdout.print(f"teacher vs student: [bold]{relation.kind}[/bold]: {escape('; '.join(relation.facts()))}", highlight=False)
     stdout.print(f"checkpoint: {summary.run_dir / 'last.safetensors'}")
 
 

@@ -13,7 +13,10 @@ The engine knows no method by name.  A method may additionally
 * react to epoch boundaries (``on_epoch_start``/``on_epoch_end``) and report
   extra per-epoch numbers;
 * keep state (tensors, numbers) that ``state_dict``/``load_state_dict`` carry
-  through the resume state.
+  through the resume state;
+* say why it needs, or takes no, teacher network (``teacher_note``), and have
+  its student default to the teacher's architecture
+  (``student_defaults_to_teacher_arch``, for self-distillation).
 
 Plugins import from this module, :mod:`kdcli.losses`, torch and pydantic only.
 The contract, with a complete example, is documented in ``docs/plugins.md``;
@@ -123,6 +126,11 @@ class Method:
     teacher_use: ClassVar[TeacherUse] = "required"
     summary: ClassVar[str] = ""
     Params: ClassVar[type[MethodParams]] = MethodParams
+    # Why the method needs, or takes no, teacher network: added to the error when --teacher is misused.
+    teacher_note: ClassVar[str] = ""
+    # Without --model the student gets the teacher checkpoint's architecture (self-distillation),
+    # instead of the job's default model.
+    student_defaults_to_teacher_arch: ClassVar[bool] = False
 
     def __init__(
         self,

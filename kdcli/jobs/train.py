@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from kdcli.checkpoint import CheckpointInfo, load_checkpoint
+from kdcli.checkpoint import CheckpointInfo, load_checkpoint, read_checkpoint_info
 from kdcli.config import RunConfig, format_validation_error, load_resolved_config
 from kdcli.engine import Runtime, Trainer, TrainingData, method_context, predict, prepare_student, prepare_teacher, setup_runtime
 from kdcli.errors import UsageError
 from kdcli.jobs.common import check_fits, load_data, model_from_checkpoint, new_model, require_model, training_data
+from kdcli.jobs.teacher_relation import TeacherRelation
 from kdcli.method import Method, MethodParams
 from kdcli.metrics import classification_report
 from kdcli.registry import get_method
@@ -33,6 +34,7 @@ class TrainingSummary:
     test: dict[str, float]
     teacher_test: dict[str, float] | None
     teacher_arch: str | None
+    teacher_relation: TeacherRelation | None = None
 
     @property
     def skipped_steps(self) -> int:
@@ -53,6 +55,7 @@ class TrainingSummary:
             "skipped_steps": self.skipped_steps,
             "test": self.test,
             "teacher_test": self.teacher_test,
+            "teacher_relation": None if self.teacher_relation is None else self.teacher_relation.as_dict(),
         }
 
 
@@ -62,15 +65,16 @@ def resolve_config(config: RunConfig) -> tuple[RunConfig, type[Method], MethodPa
     if config.job not in method_cls.roles:
         other = "distill" if config.job == "teach" else "teach"
         raise UsageError(f"method {config.method.name!r} is not a {config.job} method; use kdcli {other} --method {config.method.name}")
+    note = f" ({method_cls.teacher_note})" if method_cls.teacher_note else ""
     if method_cls.teacher_use == "required" and config.teacher is None:
-        raise UsageError(f"method {config.method.name!r} needs a teacher: pass --teacher CKPT.safetensors")
+        raise UsageError(f"method {config.method.name!r} needs a teacher{note}: pass --teacher CKPT.safetensors")
     if method_cls.teacher_use == "none" and config.teacher is not None:
-        raise UsageError(f"method {config.method.name!r} uses no teacher network; drop --teacher")
+        raise UsageError(f"method {config.method.name!r} uses no teacher network{note}; drop --teacher")
     try:
         params = method_cls.Params.model_validate(config.method.params)
     except ValidationError as exc:
         raise UsageError(f"invalid method hyperparameters: {format_validation_error(exc, prefix='method')}") from None
-    model_name = config.model.name or DEFAULT_MODELS[config.job]
+    model_name = config.model.name or default_model_name(config, method_cls)
     resolved = config.model_copy(
         update={
             "model": config.model.model_copy(update={"name": model_name}),
@@ -92,6 +96,13 @@ def cached_teacher(teacher: torch.nn.Module, teacher_path: Path, data: TrainingD
         all_reduce_sum=runtime.all_reduce_sum,
         writes=runtime.is_main,
     )
+
+
+def default_model_name(config: RunConfig, method_cls: type[Method]) -> str:
+    """The student when ``--model`` is not given: the teacher's architecture for self-distillation."""
+    if method_cls.student_defaults_to_teacher_arch and config.teacher is not None:
+        return read_checkpoint_info(config.teacher).arch
+    return DEFAULT_MODELS[config.job]
 
 
 def run_training(
@@ -117,12 +128,11 @@ def run_training(
     assert config.model.name is not None  # resolve_config fills the job's default
     require_model(config.model.name)
     bundle = load_data(config.data)
-    teacher_arch = None
-    teacher = None
+    teacher: torch.nn.Module | None = None
+    teacher_info: CheckpointInfo | None = None
     if config.teacher is not None:
         teacher, teacher_info = model_from_checkpoint(config.teacher)
         check_fits(teacher_info, bundle, config.teacher)
-        teacher_arch = teacher_info.arch
     runtime = setup_runtime(config.train)
     if resume:
         if runtime.is_main:
@@ -170,15 +180,24 @@ def run_training(
         logits = predict(model, bundle.test, mean=bundle.mean, std=bundle.std, device=runtime.device, batch_size=config.train.eval_batch_size)
         return classification_report(logits, bundle.test.targets)
 
+    test = test_report(trainer.student)
+    teacher_test: dict[str, float] | None = None
+    relation: TeacherRelation | None = None
+    if teacher is not None and teacher_info is not None:
+        teacher_test = test_report(teacher)
+        relation = TeacherRelation.of(
+            teacher, teacher_info, trainer.student, config.model.name, teacher_test["top1"], test["top1"]
+        )
     summary = TrainingSummary(
         run_dir=run_dir.root,
         is_main=runtime.is_main,
         config=config,
         history=history,
         best_epoch=trainer.best["epoch"] if config.train.keep_best else None,
-        test=test_report(trainer.student),
-        teacher_test=None if teacher is None else test_report(teacher),
-        teacher_arch=teacher_arch,
+        test=test,
+        teacher_test=teacher_test,
+        teacher_arch=None if teacher_info is None else teacher_info.arch,
+        teacher_relation=relation,
     )
     runtime.shutdown()
     return summary
