@@ -172,6 +172,20 @@ def test_logits_and_features_go_through_the_wrapper(name: str) -> None:
         assert all(torch.equal(feature, reference) for feature, reference in zip(features, expected))
 
 
+def test_logits_and_features_under_torch_compile_do_not_recompile() -> None:
+    model = create_model("cifar_resnet8", num_classes=10, input_size=INPUT_SIZE).eval()
+    compiled = torch.compile(model, backend="eager")  # dynamo's guards, without inductor's compile time
+    inputs = torch.randn(2, *INPUT_SIZE)
+    with torch.no_grad():
+        logits_and_features(compiled, inputs, [1, 3])  # compiles the feature forward once
+        compiled(inputs)  # and the plain forward once
+        with torch._dynamo.config.patch(error_on_recompile=True):  # the swap must not invalidate a guard
+            for _ in range(2):
+                logits, features = logits_and_features(compiled, inputs, [1, 3])
+                assert torch.allclose(compiled(inputs), logits, atol=1e-6)
+    assert [feature.shape[1] for feature in features] == [16, 64]
+
+
 def test_logits_and_features_run_the_ddp_forward(tmp_path: Path) -> None:
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:

@@ -75,7 +75,7 @@ def check_teacher(teacher: torch.nn.Module, data: TrainingData, bundle: DataBund
     return TeacherCheck(split=split, top1=topk_accuracy(logits, samples.targets, 1), min_top1=min_top1)
 
 
-def print_teacher_check(check: TeacherCheck, arch: str, *, verbose: bool) -> None:
+def print_teacher_check(check: TeacherCheck, arch: str | None, *, verbose: bool) -> None:
     console = Console(stderr=True, highlight=False)
     if verbose:
         console.print(f"teacher {arch}: clean {check.split} top-1 {check.top1:.4f}", markup=False)
