@@ -260,7 +260,7 @@ def distill(
     _train("distill", values.pop("method"), values.pop("teacher"), values)
 
 
-@app.command("eval", epilog="Examples: kdcli eval runs/t/last.safetensors  ·  kdcli eval s.safetensors --split val --json")
+@app.command("eval", epilog="Examples: kdcli eval runs/t/last.safetensors  ·  kdcli eval s.safetensors --split val --json  ·  kdcli eval s.safetensors --noise-std 0.1")
 @reports_errors
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="A kdcli checkpoint (.safetensors).", show_default=False)],
@@ -270,16 +270,22 @@ def evaluate(
     split: Annotated[str, typer.Option("--split", help=f"Which split: {', '.join(EVAL_SPLITS)}.")] = "test",
     device: DeviceOption = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Evaluation batch size.")] = 512,
+    noise_std: Annotated[float, typer.Option("--noise-std", help="Gaussian noise sigma on the 0..1 pixel scale added to every input (0 = clean).")] = 0.0,
+    noise_photons: Annotated[Optional[float], typer.Option("--noise-photons", help="Poisson-Gaussian noise: photons at pixel value 1 (fewer = noisier).", show_default=False)] = None,
+    noise_seed: Annotated[int, typer.Option("--noise-seed", help="Seed of the noise: the same seed gives every checkpoint the same noisy inputs.")] = 0,
     json_output: JsonOption = False,
 ) -> None:
-    """Report top-1/top-5, NLL, ECE, Brier (and the distance to p* on synthetic data)."""
+    """Report top-1/top-5, NLL, ECE, Brier (and the distance to p* on synthetic data), on clean or noisy inputs."""
     report = evaluate_checkpoint(
-        checkpoint, data=data, data_root=data_root, download=download, split=split, device=device or "auto", batch_size=batch_size
+        checkpoint, data=data, data_root=data_root, download=download, split=split, device=device or "auto", batch_size=batch_size,
+        noise_std=noise_std, noise_photons=noise_photons, noise_seed=noise_seed,
     )
     if json_output:
         stdout.print_json(json.dumps(report))
         return
-    table = Table(title=f"{checkpoint} · {report['arch']} · {report['data']} {report['split']}")
+    noise = report["noise"]
+    condition = "" if noise is None else f" · noise σ={noise['std']:g}" + (f" photons={noise['photons']:g}" if noise["photons"] else "") + f" seed {noise['seed']}"
+    table = Table(title=f"{checkpoint} · {report['arch']} · {report['data']} {report['split']}{condition}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in report["metrics"].items():

@@ -136,6 +136,10 @@ class RunConfig(StrictModel):
     method: MethodConfig = MethodConfig()
     model: ModelConfig = ModelConfig()
     teacher: Path | None = None
+    teacher_min_top1: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Warn before distilling when the teacher's clean top-1 is below this; None = halfway from chance to 1.",
+    )
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()

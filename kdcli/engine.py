@@ -15,7 +15,7 @@ import shlex
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -203,13 +203,30 @@ def lr_factor(step: int, *, schedule: ScheduleConfig, epochs: int, steps_per_epo
     return 1.0
 
 
-def predict(model: nn.Module, split: ImageSplit, *, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, batch_size: int) -> Tensor:
-    """Logits for every sample of ``split`` in order (no augmentation), on the CPU."""
+InputTransform = Callable[[Tensor, Tensor], Tensor]  # (normalized inputs, sample index) -> inputs
+
+
+def predict(
+    model: nn.Module,
+    split: ImageSplit,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    batch_size: int,
+    transform: InputTransform | None = None,
+) -> Tensor:
+    """Logits for every sample of ``split`` in order (no augmentation; ``transform``, e.g. noise, if given), on the CPU."""
     loader = BatchLoader(split, batch_size=batch_size, shuffle=False, device=device)
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        logits = [model(normalize(images, mean, std)).float().cpu() for images, _, _ in loader]
+        logits = []
+        for images, _, index in loader:
+            inputs = normalize(images, mean, std)
+            if transform is not None:
+                inputs = transform(inputs, index)
+            logits.append(model(inputs).float().cpu())
     model.train(was_training)
     return torch.cat(logits)
 
@@ -260,6 +277,7 @@ def method_context(config: RunConfig, data: TrainingData, runtime: Runtime, num_
         all_gather=runtime.all_gather,
         batches=batches,
         has_val=data.val is not None,
+        input_size=tuple(data.train.images.shape[1:]),
     )
 
 

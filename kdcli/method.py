@@ -17,6 +17,10 @@ The engine knows no method by name.  A method may additionally
 * say why it needs, or takes no, teacher network (``teacher_note``), and have
   its student default to the teacher's architecture
   (``student_defaults_to_teacher_arch``, for self-distillation).
+* read intermediate features by stage index (``logits_and_features``,
+  ``stage_features``, ``feature_shapes``: timm's ``forward_intermediates``);
+* corrupt inputs with ``PixelNoise`` (the noise ``kdcli eval --noise-std`` uses);
+* raise ``UsageError`` for a setting that does not fit the run (one line, no traceback).
 
 Plugins import from this module, :mod:`kdcli.losses`, torch and pydantic only.
 The contract, with a complete example, is documented in ``docs/plugins.md``;
@@ -33,13 +37,17 @@ telling the user to drop ``--cache-teacher``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from timm.utils import unwrap_model
 from torch import Tensor, nn
+
+from kdcli.data.noise import PixelNoise
+from kdcli.errors import UsageError
 
 __all__ = [
     "API_VERSION",
@@ -48,9 +56,14 @@ __all__ = [
     "Method",
     "MethodContext",
     "MethodParams",
+    "PixelNoise",
     "Role",
     "StepOutput",
     "TeacherUse",
+    "UsageError",
+    "feature_shapes",
+    "logits_and_features",
+    "stage_features",
 ]
 
 API_VERSION = "1.0"
@@ -116,6 +129,7 @@ class MethodContext:
     all_gather: Callable[[Tensor], Tensor] = lambda tensor: tensor  # concatenates along dim 0 across ranks
     batches: BatchSource = _no_batches  # "val" exists only when the run holds out a validation split
     has_val: bool = False
+    input_size: tuple[int, int, int] | None = None  # (C, H, W) of the inputs; None when unknown
 
 
 class Method:
@@ -151,9 +165,21 @@ class Method:
     @torch.no_grad()
     def teacher_logits(self, inputs: Tensor) -> Tensor:
         """Frozen teacher forward: eval mode, no graph."""
+        return self._frozen_teacher()(inputs)
+
+    @torch.no_grad()
+    def teacher_features(self, inputs: Tensor, indices: Sequence[int]) -> list[Tensor]:
+        """The frozen teacher's features at stage ``indices``: no graph, stops after the deepest."""
+        return stage_features(self._frozen_teacher(), inputs, indices)
+
+    def student_logits_and_features(self, inputs: Tensor, indices: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
+        """The student's logits and features at stage ``indices``, through the engine's wrappers."""
+        return logits_and_features(self.student, inputs, indices)
+
+    def _frozen_teacher(self) -> nn.Module:
         if self.teacher is None:
             raise RuntimeError(f"{type(self).__name__} has no teacher")
-        return self.teacher(inputs)
+        return self.teacher
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Extra modules optimized together with the student (not deployed)."""
@@ -186,3 +212,66 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, module in self.trainable_modules().items():
             module.load_state_dict(state[name])
+
+
+# -- intermediate features ----------------------------------------------------------
+
+
+def _feature_model(model: nn.Module) -> nn.Module:
+    inner = unwrap_model(model)
+    if not callable(getattr(inner, "forward_intermediates", None)):
+        raise UsageError(f"model {type(inner).__name__} has no forward_intermediates: its features cannot be selected by stage index")
+    return inner
+
+
+def logits_and_features(model: nn.Module, inputs: Tensor, indices: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
+    """Logits and the features at stage ``indices`` (timm ``forward_intermediates``) in one forward.
+
+    Features come in ascending stage order, whatever the order of ``indices``.
+    ``model`` may be the engine's wrapper of the student (DDP, ``torch.compile``).
+    Calling ``forward_intermediates`` on the unwrapped network would bypass
+    DDP, whose gradient all-reduce only fires after its own forward ran; so the
+    unwrapped network's ``forward`` is swapped for this one call and the call
+    goes through every wrapper.
+    """
+    inner = _feature_model(model)
+
+    def forward(images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        final, features = inner.forward_intermediates(images, indices=list(indices))
+        return inner.forward_head(final), features
+
+    if model is inner:
+        return forward(inputs)
+    inner.forward = forward  # an instance attribute shadows the class's forward
+    try:
+        return model(inputs)
+    finally:
+        del inner.forward
+
+
+def stage_features(model: nn.Module, inputs: Tensor, indices: Sequence[int]) -> list[Tensor]:
+    """Only the features at stage ``indices`` (ascending stage order), stopping after the deepest.
+
+    For frozen models: no wrapper has to see the call.
+    """
+    inner = _feature_model(model)
+    return inner.forward_intermediates(inputs, indices=list(indices), intermediates_only=True, stop_early=True)
+
+
+@torch.no_grad()
+def feature_shapes(model: nn.Module, input_size: tuple[int, int, int]) -> list[torch.Size]:
+    """Per-sample shape of every stage's feature (index 0 first) for inputs of ``input_size``, from a dry run.
+
+    The length of the list is the number of stage indices the model has.  Runs
+    in eval mode, so batch-norm statistics stay untouched, and restores the mode.
+    """
+    inner = _feature_model(model)
+    parameter = next(inner.parameters())
+    probe = torch.zeros(2, *input_size, device=parameter.device, dtype=parameter.dtype)
+    was_training = inner.training
+    inner.eval()
+    try:
+        features = inner.forward_intermediates(probe, intermediates_only=True)
+    finally:
+        inner.train(was_training)
+    return [feature.shape[1:] for feature in features]

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import ValidationError
+from rich.console import Console
 
 from kdcli.checkpoint import CheckpointInfo, load_checkpoint, read_checkpoint_info
 from kdcli.config import RunConfig, format_validation_error, load_resolved_config
+from kdcli.data.bundle import DataBundle
 from kdcli.engine import Runtime, Trainer, TrainingData, method_context, predict, prepare_student, prepare_teacher, setup_runtime
 from kdcli.errors import UsageError
 from kdcli.jobs.common import check_fits, load_data, model_from_checkpoint, new_model, require_model, training_data
 from kdcli.jobs.teacher_relation import TeacherRelation
 from kdcli.method import Method, MethodParams
-from kdcli.metrics import classification_report
+from kdcli.metrics import classification_report, topk_accuracy
 from kdcli.registry import get_method
 from kdcli.rundir import RunDir, existing_run_dir, prepare_run_dir
 from kdcli.teacher_cache import CachedTeacher, cache_key
@@ -35,6 +37,7 @@ class TrainingSummary:
     teacher_test: dict[str, float] | None
     teacher_arch: str | None
     teacher_relation: TeacherRelation | None = None
+    teacher_clean: TeacherCheck | None = None
 
     @property
     def skipped_steps(self) -> int:
@@ -56,7 +59,42 @@ class TrainingSummary:
             "test": self.test,
             "teacher_test": self.teacher_test,
             "teacher_relation": None if self.teacher_relation is None else self.teacher_relation.as_dict(),
+            "teacher_clean": None if self.teacher_clean is None else asdict(self.teacher_clean),
         }
+
+
+@dataclass(frozen=True)
+class TeacherCheck:
+    """The teacher's clean accuracy, measured before training: a weak teacher hurts its students."""
+
+    split: str
+    top1: float
+    min_top1: float
+
+    @property
+    def weak(self) -> bool:
+        return self.top1 < self.min_top1
+
+
+def check_teacher(teacher: torch.nn.Module, data: TrainingData, bundle: DataBundle, config: RunConfig, runtime: Runtime) -> TeacherCheck:
+    """Clean top-1 on the run's validation split (the test split when there is none)."""
+    split, samples = ("val", data.val) if data.val is not None else ("test", bundle.test)
+    logits = predict(teacher, samples, mean=bundle.mean, std=bundle.std, device=runtime.device, batch_size=config.train.eval_batch_size)
+    chance = 1.0 / bundle.num_classes
+    min_top1 = config.teacher_min_top1 if config.teacher_min_top1 is not None else (1.0 + chance) / 2
+    return TeacherCheck(split=split, top1=topk_accuracy(logits, samples.targets, 1), min_top1=min_top1)
+
+
+def print_teacher_check(check: TeacherCheck, arch: str | None, *, verbose: bool) -> None:
+    console = Console(stderr=True, highlight=False)
+    if verbose:
+        console.print(f"teacher {arch}: clean {check.split} top-1 {check.top1:.4f}", markup=False)
+    if check.weak:
+        console.print(
+            f"warning: the teacher's clean {check.split} top-1 {check.top1:.4f} is below {check.min_top1:.4f} "
+            "(teacher_min_top1); a weak teacher hurts distillation: consider a better-trained checkpoint",
+            markup=False,
+        )
 
 
 def resolve_config(config: RunConfig) -> tuple[RunConfig, type[Method], MethodParams]:
@@ -170,6 +208,11 @@ def run_training(
     trainer = Trainer(method, data, config, runtime, run_dir, template, show_progress=show_progress, teacher_cache=teacher_cache)
     if resume:
         trainer.resume()
+    teacher_clean = None
+    if teacher is not None and teacher_info is not None:
+        teacher_clean = check_teacher(teacher, data, bundle, config, runtime)
+        if runtime.is_main:
+            print_teacher_check(teacher_clean, teacher_info.arch, verbose=show_progress)
     history = trainer.fit()
     if config.train.keep_best:
         # The deployable result of a run with model selection is its best epoch, not its last.
@@ -198,6 +241,7 @@ def run_training(
         teacher_test=teacher_test,
         teacher_arch=None if teacher_info is None else teacher_info.arch,
         teacher_relation=relation,
+        teacher_clean=teacher_clean,
     )
     runtime.shutdown()
     return summary
