@@ -72,37 +72,55 @@ def bank_update_weight(epoch: int) -> float:
 
 @dataclass(frozen=True)
 class LipschitzLayers:
-    """The layers R_Lip sums over, found once by module type."""
+    """The layers R_Lip sums over, found once by module type.
+
+    The bound is computed with a handful of whole-network tensor ops rather
+    than a few per layer, so its cost stays small next to a training step
+    (on a GPU, per-layer ops would mean hundreds of tiny kernel launches).
+    """
 
     convs: tuple[nn.Module, ...]
     batch_norms: tuple[nn.Module, ...]
     linears: tuple[nn.Module, ...]
+    norm_layer_ids: Tensor  # for each batch-norm channel, the position of its layer in batch_norms
+    norm_eps: Tensor  # each batch-norm channel's eps
 
     @classmethod
     def of(cls, model: nn.Module, *, include_head: bool) -> LipschitzLayers:
         excluded = set() if include_head else {id(module) for head in _classifiers(model) for module in head.modules()}
         # modules() yields every module once (shared ones too), wrappers (DDP, torch.compile) included.
         kept = [module for module in model.modules() if id(module) not in excluded]
+        # Without running statistics a batch norm divides by batch statistics: no fixed bound exists.
+        norms = tuple(m for m in kept if isinstance(m, BATCH_NORM_TYPES) and m.running_var is not None)
+        device = norms[0].running_var.device if norms else torch.device("cpu")
+        sizes = torch.tensor([m.running_var.numel() for m in norms], dtype=torch.int64, device=device)
         return cls(
             convs=tuple(module for module in kept if isinstance(module, CONV_TYPES)),
-            # Without running statistics the layer normalizes by batch statistics: no fixed bound exists.
-            batch_norms=tuple(m for m in kept if isinstance(m, BATCH_NORM_TYPES) and m.running_var is not None),
+            batch_norms=norms,
             linears=tuple(module for module in kept if isinstance(module, nn.Linear)),
+            norm_layer_ids=torch.arange(len(norms), device=device).repeat_interleave(sizes),
+            norm_eps=torch.tensor([m.eps for m in norms], device=device).repeat_interleave(sizes),
         )
 
     def bound(self) -> Tensor:
         """R_Lip: differentiable in the weights and batch-norm scales, constant in running statistics."""
-        terms = [module.weight.abs().sum() for module in self.convs]
-        terms += [_batch_norm_bound(module) for module in self.batch_norms]
-        terms += [module.weight.abs().sum(dim=0).max() for module in self.linears]
+        terms = [module.weight.abs().sum(dim=0).max() for module in self.linears]
+        if self.convs:
+            # The sum of every kernel's entrywise l1 norm is the l1 norm of all kernels together.
+            terms.append(torch.cat([module.weight.reshape(-1) for module in self.convs]).abs().sum())
+        if self.batch_norms:
+            terms.append(self._batch_norm_maxima().sum())
         if not terms:
             return torch.zeros(())
         return torch.stack(terms).sum()
 
-
-def _batch_norm_bound(module: nn.Module) -> Tensor:
-    scale = (module.running_var + module.eps).rsqrt()
-    return scale.max() if module.weight is None else (module.weight.abs() * scale).max()
+    def _batch_norm_maxima(self) -> Tensor:
+        """max_c |gamma_c| / sqrt(running_var_c + eps) of every batch norm (gamma = 1 when not affine)."""
+        gammas = torch.cat([torch.ones_like(m.running_var) if m.weight is None else m.weight for m in self.batch_norms])
+        variances = torch.cat([module.running_var for module in self.batch_norms])
+        ratios = gammas.abs() * (variances + self.norm_eps).rsqrt()
+        maxima = ratios.new_zeros(len(self.batch_norms))
+        return maxima.scatter_reduce(0, self.norm_layer_ids, ratios, reduce="amax", include_self=False)
 
 
 def _classifiers(model: nn.Module) -> Iterable[nn.Module]:

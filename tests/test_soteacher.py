@@ -65,6 +65,13 @@ def test_lipschitz_bound_equals_hand_computation() -> None:
     assert LipschitzLayers.of(SmallNet(), include_head=False).bound().item() == pytest.approx(9 + 3)
 
 
+def test_batch_norm_without_affine_scale_counts_as_gamma_one() -> None:
+    norm = nn.BatchNorm1d(2, affine=False, eps=0.0)
+    norm.running_var.copy_(torch.tensor([4.0, 0.25]))
+    assert LipschitzLayers.of(norm, include_head=True).bound().item() == pytest.approx(2.0)
+    assert LipschitzLayers.of(nn.BatchNorm1d(2, track_running_stats=False), include_head=True).batch_norms == ()
+
+
 def test_lipschitz_gradient_reaches_batch_norm_scale_not_running_statistics() -> None:
     net = SmallNet()
     LipschitzLayers.of(net, include_head=True).bound().backward()
