@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 KDCLI := $(BIN)/kdcli
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
+EXPERIMENT_ARGS ?=
 
-.PHONY: venv install demo test bench clean
+.PHONY: venv install demo test bench experiment-soteacher clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,10 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks
+
+# Standard vs SoTeacher teachers (3 seeds) and a KD student from each, on the synthetic set.
+experiment-soteacher: $(VENV)/.installed
+	$(BIN)/python examples/experiments/soteacher_vs_standard.py $(EXPERIMENT_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

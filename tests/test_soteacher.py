@@ -14,6 +14,8 @@ from torch import nn
 
 from conftest import TINY, run_cli
 from kdcli.checkpoint import load_state
+from kdcli.config import build_config
+from kdcli.jobs.train import resolve_config
 from kdcli.method import Batch, MethodContext, MethodError
 from kdcli_plugins.soteacher import LipschitzLayers, SoTeacher, SoTeacherParams, consistency_weight
 from test_resume import interrupt_at
@@ -181,3 +183,18 @@ def test_resume_mid_run_gives_identical_bank_and_weights(tmp_path: Path, monkeyp
     assert records[0]["loss"]["consistency"] == 0.0 and records[1]["loss"]["consistency"] > 0.0
     assert [record["method"]["consistency_weight"] for record in records] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert records[0]["loss"]["lipschitz"] == pytest.approx(1e-5 * records[0]["method"]["lipschitz_bound"])
+
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples" / "cifar100").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.name)
+def test_cifar100_example_configs_hold_the_paper_recipe(path: Path) -> None:
+    flags = {"job": "distill", "teacher": "teacher.safetensors"} if path.name.startswith("student_") else {"job": "teach"}
+    config, _, params = resolve_config(build_config(file=path, flags=flags))
+    assert (config.data.name, config.data.val_split, config.train.epochs, config.train.batch_size) == ("cifar100", 0.0, 240, 64)
+    assert (config.optim.lr, config.optim.weight_decay, config.schedule.milestones) == (0.05, 5e-4, [150, 180, 210])
+    if config.method.name == "soteacher":
+        assert params == SoTeacherParams()  # the paper's values are the defaults
+    if config.method.name == "kd":
+        assert (params.temperature, params.ce_weight, params.kd_weight) == (4.0, 0.5, 0.5)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcli.config import TrainConfig
+from kdcli.data.bundle import DataBundle
 from kdcli.engine import predict, setup_runtime
 from kdcli.errors import UsageError
 from kdcli.jobs.common import check_fits, checkpoint_data_config, evaluation_split, load_data, model_from_checkpoint
@@ -23,11 +24,13 @@ def evaluate_checkpoint(
     split: str = "test",
     device: str = "auto",
     batch_size: int = 512,
+    bundle: DataBundle | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``checkpoint`` on ``split`` of its own data set (or ``data``).
 
     Where the data set knows the true label distribution p*, the distance of
     the model's predictions to it is reported on the train and test inputs.
+    ``bundle`` is that data set when the caller has already loaded it.
     """
     if split not in EVAL_SPLITS:
         raise UsageError(f"--split must be one of {', '.join(EVAL_SPLITS)} (got {split!r})")
@@ -37,7 +40,8 @@ def evaluate_checkpoint(
     data_config = checkpoint_data_config(info, checkpoint)
     changes = {"name": data, "root": data_root, "download": download or None}
     data_config = data_config.model_copy(update={key: value for key, value in changes.items() if value is not None})
-    bundle = load_data(data_config)
+    if bundle is None:
+        bundle = load_data(data_config)
     check_fits(info, bundle, checkpoint)
     runtime = setup_runtime(TrainConfig(device=device))
     model = model.to(runtime.device)

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from kdcli.checkpoint import CheckpointInfo, load_checkpoint, load_state
 from kdcli.config import RunConfig, format_validation_error, load_resolved_config
+from kdcli.data.bundle import DataBundle
 from kdcli.engine import Trainer, method_context, predict, prepare_student, prepare_teacher, setup_runtime
 from kdcli.errors import UsageError
 from kdcli.jobs.common import check_fits, load_data, model_from_checkpoint, training_data
@@ -80,19 +81,23 @@ def run_training(
     resume: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
+    bundle: DataBundle | None = None,
 ) -> TrainingSummary:
     """Train ``config.model`` with ``config.method`` into run directory ``out``.
 
     With ``resume`` the run's saved config replaces ``config`` and training
     continues after the last completed epoch.  Everything that can be wrong
-    with the input is checked before the run directory is touched.
+    with the input is checked before the run directory is touched.  ``bundle``
+    is the data set of ``config.data`` when the caller has already loaded it
+    (a sweep trains many runs on one data set).
     """
     if resume:
         run_dir = existing_run_dir(out)
         config = load_resolved_config(run_dir.config_path)
     config, method_cls, params = resolve_config(config)
     load_model_plugins()
-    bundle = load_data(config.data)
+    if bundle is None:
+        bundle = load_data(config.data)
     teacher_arch = None
     teacher = None
     if config.teacher is not None:
