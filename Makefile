@@ -7,8 +7,9 @@ DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 # Plugin packages shipped as examples: installed beside kdcli, their tests run with the suite.
 PLUGIN_EXAMPLES := examples/kdcli-dkd
+EXPERIMENT_ARGS ?=
 
-.PHONY: venv install demo test bench experiment-tfkd experiment-feature-mimic clean
+.PHONY: venv install demo test bench experiment-tfkd experiment-feature-mimic experiment-soteacher clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,13 +34,16 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks
 
 # Teacher-free KD on the synthetic data set (about 8 minutes on 2 idle cores); EXPERIMENT_ARGS="--epochs 10".
-EXPERIMENT_ARGS ?=
 experiment-tfkd: $(VENV)/.installed
 	$(BIN)/python examples/experiments/tfkd.py $(EXPERIMENT_ARGS)
 
 # Hong et al. 2021 on the synthetic set: feature-mimic vs lambda=0 vs KD at sigma 0.1/0.3, 3 seeds (~10 min on 2 cores).
 experiment-feature-mimic: $(VENV)/.installed
 	$(BIN)/python examples/experiments/feature_mimic.py --out runs/experiments/feature-mimic
+
+# Standard vs SoTeacher teachers (3 seeds) and a KD student from each, on the synthetic set.
+experiment-soteacher: $(VENV)/.installed
+	$(BIN)/python examples/experiments/soteacher_vs_standard.py $(EXPERIMENT_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -28,6 +28,7 @@ from kdcli.config import build_config
 from kdcli.errors import KdcliError, UsageError
 from kdcli.jobs.convert import InputSpec, convert_checkpoint
 from kdcli.jobs.evaluate import EVAL_SPLITS, evaluate_checkpoint
+from kdcli.jobs.sweep import SweepResult, build_recipe, find_teacher_runs, run_sweep
 from kdcli.jobs.train import TrainingSummary, run_training
 from kdcli.method import API_VERSION, Method
 from kdcli.registry import get_method, method_plugins
@@ -347,6 +348,73 @@ def convert(
         markup=False,
         soft_wrap=True,
     )
+
+
+@app.command(
+    "sweep-checkpoints",
+    epilog="Examples: kdcli sweep-checkpoints runs/teacher --model cifar_resnet8 --out runs/sweep  ·  "
+    "kdcli sweep-checkpoints runs/standard runs/soteacher --every 5 --epochs 15 --out runs/sweep",
+)
+@reports_errors
+def sweep_checkpoints(
+    teacher_runs: Annotated[list[Path], typer.Argument(help="Teacher run directories (kdcli teach --out); several share one plot.", show_default=False)],
+    method: Annotated[Optional[str], typer.Option("--method", help="Distillation method (default kd).", show_default=False)] = None,
+    model: ModelOption = None,
+    data_root: DataRootOption = None,
+    download: DownloadOption = False,
+    epochs: EpochsOption = None,
+    batch_size: BatchSizeOption = None,
+    lr: LrOption = None,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Student checkpoint every K epochs (default: last only).", show_default=False)] = None,
+    seed: SeedOption = None,
+    device: DeviceOption = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    every: Annotated[int, typer.Option("--every", help="Use every K-th saved teacher checkpoint, counted back from the last.")] = 1,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Sweep directory; rerun with the same --out to continue (default runs/sweep-METHOD-TIME).", show_default=False)] = None,
+    overwrite: OverwriteOption = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Distill a student from every saved teacher checkpoint with one recipe; tabulate and plot teacher vs student."""
+    runs = find_teacher_runs(teacher_runs, every)
+    flags = _flags_to_tree(locals())
+    if method is not None:
+        flags["method"] = {"name": method}
+    recipe = build_recipe(runs, file=config, flags=flags, overrides=set_ or [])
+    out = out or _default_out("sweep", recipe.method.name)
+    if not quiet:
+        count = sum(len(run.checkpoints) for run in runs)
+        stderr.print(f"sweep: {count} students into {out} (rerun with --out {out} to continue)", markup=False, soft_wrap=True)
+
+    def report_entry(row: dict[str, Any], done: int, total: int) -> None:
+        if not quiet:
+            line = f"[{done}/{total}] {row['teacher']} epoch {row['teacher_epoch']}: teacher {row['teacher_top1']:.4f}, student {row['student_top1']:.4f}"
+            stderr.print(line, markup=False, soft_wrap=True)
+
+    result = run_sweep(runs, recipe, out, overwrite=overwrite, show_progress=not quiet, on_entry=report_entry)
+    _print_sweep(result, as_json=json_output)
+
+
+def _print_sweep(result: SweepResult, *, as_json: bool) -> None:
+    if as_json:
+        stdout.print_json(json.dumps(result.as_dict()))
+        return
+    table = Table(title=f"sweep-checkpoints · {result.out}")
+    for column in ("teacher", "teacher epoch", "teacher top-1", "teacher ECE", "teacher p* TV (train)", "student top-1"):
+        table.add_column(column, justify="left" if column == "teacher" else "right")
+    for row in result.rows:
+        distance = row["teacher_pstar_tv_train"]
+        table.add_row(
+            row["teacher"], str(row["teacher_epoch"]), f"{row['teacher_top1']:.4f}", f"{row['teacher_ece']:.4f}",
+            "-" if distance is None else f"{distance:.4f}", f"{row['student_top1']:.4f}",
+        )
+    stdout.print(table)
+    stdout.print(f"results: {result.out / 'results.csv'}, {result.out / 'results.json'}", markup=False, soft_wrap=True)
+    if result.plot_written:
+        stdout.print(f"plot: {result.out / 'sweep.png'}", markup=False, soft_wrap=True)
+    else:
+        stdout.print("plot: skipped, matplotlib is missing (pip install 'kdcli[plot]')", markup=False)
 
 
 @methods_app.command("list")

@@ -8,6 +8,7 @@ own pydantic model validates (see :mod:`kdcli.method`).
 
 from __future__ import annotations
 
+import copy
 import json
 import tomllib
 from pathlib import Path
@@ -235,7 +236,8 @@ def build_config(
     overrides: list[str] | None = None,
 ) -> RunConfig:
     """Layer defaults < config file < explicit flags < ``--set`` and validate once."""
-    tree = deep_merge(defaults or {}, read_config_file(file) if file is not None else {})
+    # A copy: --set writes into nested sections, which must not leak into the caller's defaults.
+    tree = deep_merge(copy.deepcopy(defaults or {}), read_config_file(file) if file is not None else {})
     tree = deep_merge(tree, flags or {})
     for assignment in overrides or []:
         path, value = parse_override(assignment)

@@ -21,6 +21,9 @@ The engine knows no method by name.  A method may additionally
   ``stage_features``, ``feature_shapes``: timm's ``forward_intermediates``);
 * corrupt inputs with ``PixelNoise`` (the noise ``kdcli eval --noise-std`` uses);
 * raise ``UsageError`` for a setting that does not fit the run (one line, no traceback).
+* raise ``MethodError`` when the run cannot work as configured (a model the
+  method cannot handle, a bad combination of settings): the CLI prints it as
+  one line, not a traceback.
 
 Plugins import from this module, :mod:`kdcli.losses`, torch and pydantic only.
 The contract, with a complete example, is documented in ``docs/plugins.md``;
@@ -55,6 +58,7 @@ __all__ = [
     "BatchSource",
     "Method",
     "MethodContext",
+    "MethodError",
     "MethodParams",
     "PixelNoise",
     "Role",
@@ -70,6 +74,10 @@ API_VERSION = "1.0"
 
 TeacherUse = Literal["required", "none", "optional"]
 Role = Literal["teach", "distill"]
+
+
+class MethodError(UsageError):
+    """A method cannot run as configured; shown to the user as one line (exit code 2)."""
 
 
 class MethodParams(BaseModel):

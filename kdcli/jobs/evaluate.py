@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kdcli.config import TrainConfig, format_validation_error
+from kdcli.data.bundle import DataBundle
 from kdcli.data.noise import PixelNoise
 from kdcli.engine import InputTransform, predict, setup_runtime
 from kdcli.errors import UsageError
@@ -29,6 +30,7 @@ def evaluate_checkpoint(
     noise_std: float = 0.0,
     noise_photons: float | None = None,
     noise_seed: int = 0,
+    bundle: DataBundle | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``checkpoint`` on ``split`` of its own data set (or ``data``).
 
@@ -38,6 +40,7 @@ def evaluate_checkpoint(
     (Poisson–Gaussian), every input is corrupted by noise that depends only on
     ``noise_seed`` and the sample's position: every checkpoint evaluated with
     the same flags sees the same noisy inputs.
+    ``bundle`` is that data set when the caller has already loaded it.
     """
     if split not in EVAL_SPLITS:
         raise UsageError(f"--split must be one of {', '.join(EVAL_SPLITS)} (got {split!r})")
@@ -52,7 +55,8 @@ def evaluate_checkpoint(
     data_config = checkpoint_data_config(info, checkpoint)
     changes = {"name": data, "root": data_root, "download": download or None}
     data_config = data_config.model_copy(update={key: value for key, value in changes.items() if value is not None})
-    bundle = load_data(data_config)
+    if bundle is None:
+        bundle = load_data(data_config)
     check_fits(info, bundle, checkpoint)
     runtime = setup_runtime(settings)
     model = model.to(runtime.device)

@@ -150,6 +150,7 @@ def run_training(
     resume: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
+    bundle: DataBundle | None = None,
 ) -> TrainingSummary:
     """Train ``config.model`` with ``config.method`` into run directory ``out``.
 
@@ -158,6 +159,8 @@ def run_training(
     exact step where a signal stopped it; with no state saved yet it starts
     over.  Everything that can be wrong with the input is checked before the
     run directory is touched.
+    ``bundle`` is the data set of ``config.data`` when the caller has already
+    loaded it (a sweep trains many runs on one data set).
     """
     if resume:
         run_dir = existing_run_dir(out)
@@ -165,7 +168,8 @@ def run_training(
     config, method_cls, params = resolve_config(config)
     assert config.model.name is not None  # resolve_config fills the job's default
     require_model(config.model.name)
-    bundle = load_data(config.data)
+    if bundle is None:
+        bundle = load_data(config.data)
     teacher: torch.nn.Module | None = None
     teacher_info: CheckpointInfo | None = None
     if config.teacher is not None:
