@@ -153,6 +153,9 @@ def _print_summary(summary: TrainingSummary, *, as_json: bool) -> None:
     for arch, role, report in rows:
         table.add_row(arch, role, f"{report['top1']:.4f}", f"{report['top5']:.4f}", f"{report['nll']:.4f}", f"{report['ece']:.4f}")
     stdout.print(table)
+    diagnostics = summary.history[-1].get("method", {}) if summary.history else {}
+    if diagnostics:  # whatever the method reported for its last epoch (e.g. fusion-ratio statistics)
+        stdout.print("method, last epoch: " + "  ".join(f"{name} {value:.4g}" for name, value in diagnostics.items()))
     stdout.print(f"checkpoint: {summary.run_dir / 'last.safetensors'}")
 
 

@@ -15,7 +15,10 @@ The engine knows no method by name.  A method may additionally
 * keep state (tensors, numbers) that ``state_dict``/``load_state_dict`` carry
   through the resume state.
 
-Plugins import from this module, :mod:`kdcli.losses` and torch only.
+Plugins import from this module, :mod:`kdcli.losses` and torch only.  A method
+that is given input it cannot work with (e.g. hyperparameters that need a
+validation split the run does not hold out) raises :class:`UsageError` from
+here: the CLI prints it as one line.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
+
+from kdcli.errors import UsageError as UsageError  # re-exported: plugins raise it for bad input
 
 API_VERSION = "1.0"
 
