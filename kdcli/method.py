@@ -13,12 +13,12 @@ The engine knows no method by name.  A method may additionally
 * react to epoch boundaries (``on_epoch_start``/``on_epoch_end``) and report
   extra per-epoch numbers;
 * keep state (tensors, numbers) that ``state_dict``/``load_state_dict`` carry
-  through the resume state.
+  through the resume state;
+* raise ``MethodError`` when the run cannot work as configured (a model the
+  method cannot handle, a bad combination of settings): the CLI prints it as
+  one line, not a traceback.
 
-Plugins import from this module, :mod:`kdcli.losses` and torch only.  A method
-that is given input it cannot work with (e.g. hyperparameters that need a
-validation split the run does not hold out) raises :class:`UsageError` from
-here: the CLI prints it as one line.
+Plugins import from this module, :mod:`kdcli.losses` and torch only.
 """
 
 from __future__ import annotations
@@ -31,12 +31,16 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from kdcli.errors import UsageError as UsageError  # re-exported: plugins raise it for bad input
+from kdcli.errors import UsageError
 
 API_VERSION = "1.0"
 
 TeacherUse = Literal["required", "none", "optional"]
 Role = Literal["teach", "distill"]
+
+
+class MethodError(UsageError):
+    """A method cannot run as configured; shown to the user as one line (exit code 2)."""
 
 
 class MethodParams(BaseModel):

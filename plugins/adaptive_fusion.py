@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from kdcli.losses import KLReduction
-from kdcli.method import Batch, Method, MethodContext, MethodParams, StepOutput, UsageError
+from kdcli.method import Batch, Method, MethodContext, MethodError, MethodParams, StepOutput
 
 Ratio = Literal["learned", "ada", "wls", "fixed"]
 GEOMETRY_BLOCKS = 9  # h holds nine C-dimensional blocks
@@ -294,7 +294,7 @@ class AdaptiveFusion(Method):
         self.fusion_optimizer: torch.optim.Optimizer | None = None
         if params.ratio == "learned":
             if not context.has_val:
-                raise UsageError(
+                raise MethodError(
                     "adaptive-fusion with ratio=learned trains its fusion network on a held-out validation split: "
                     "set --val-split above 0 (or use method.ratio=fixed|ada|wls)"
                 )
