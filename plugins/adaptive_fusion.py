@@ -34,12 +34,15 @@ Choices where the paper leaves room (ours):
   uniform vector.
 * The virtual step is plain SGD (no momentum or weight decay) with step size
   ``virtual_lr``; with the default Adam for w its scale hardly matters, since it
-  only scales the hypergradient. The exact hypergradient differentiates through
-  that step (``torch.func.functional_call``, double backward). ``first_order``
-  replaces the mixed second derivative by a central finite difference along the
-  validation gradient (DARTS, Liu et al. 2019, eq. 7): first derivatives only.
-* Batch norm: every virtual forward pass runs in train mode on *copies* of the
-  buffers, so the real running statistics move only in the real step.
+  only scales the hypergradient. The hypergradient is exact, second order through
+  that step: because alpha enters the training loss linearly, the mixed second
+  derivative reduces to one directional derivative of every sample's KD - CE along
+  the validation gradient, taken by forward-mode AD over ``torch.func.functional_call``
+  (cheaper than double backward, same value). ``first_order`` takes it by a central
+  finite difference instead (DARTS, Liu et al. 2019, eq. 7): first derivatives only.
+* Batch norm: the virtual step reuses the real step's forward pass on the training
+  batch (so running statistics move once, as in any step); every other virtual
+  forward pass runs in train mode on *copies* of the buffers.
 * The MLP's output bias starts at logit(``alpha``): the learned ratio starts
   where ``fixed`` stays, and differs from it only by what the bilevel update learns.
 * Validation batches come from the held-out split (``--val-split``), un-augmented,
@@ -50,6 +53,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -58,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.func import functional_call
 
 from kdcli.losses import KLReduction
@@ -180,22 +185,15 @@ def _student_state(student: nn.Module) -> tuple[dict[str, Tensor], dict[str, Ten
     return parameters, buffers
 
 
-def _training_terms(
-    student: nn.Module, parameters: dict[str, Tensor], buffers: dict[str, Tensor], problem: BilevelProblem
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Student logits and the per-sample (KD, CE) on the training batch at ``parameters``."""
+def _kd_minus_ce(student: nn.Module, parameters: dict[str, Tensor], buffers: dict[str, Tensor], problem: BilevelProblem) -> Tensor:
+    """D_i = KD_i - CE_i for every sample of the training batch, at ``parameters``."""
     logits = functional_call(student, (parameters, buffers), (problem.inputs,))
     kd, ce = per_sample_terms(logits, problem.teacher_logits, problem.targets, problem.temperature, problem.kl_reduction)
-    return logits, kd, ce
+    return kd - ce
 
 
 def _alpha(fusion: FusionNetwork, logits: Tensor, problem: BilevelProblem) -> Tensor:
     return fusion(trilateral_geometry(logits, problem.teacher_logits, problem.targets, problem.class_means))
-
-
-def _sgd_step(parameters: dict[str, Tensor], loss: Tensor, lr: float, *, create_graph: bool) -> dict[str, Tensor]:
-    grads = torch.autograd.grad(loss, list(parameters.values()), create_graph=create_graph, allow_unused=True)
-    return {name: value if grad is None else value - lr * grad for (name, value), grad in zip(parameters.items(), grads)}
 
 
 def _validation_loss(
@@ -205,57 +203,85 @@ def _validation_loss(
     return F.cross_entropy(_full_precision(logits), problem.val_targets)
 
 
-def validation_loss_after_virtual_step(
-    student: nn.Module, fusion: FusionNetwork, problem: BilevelProblem, *, create_graph: bool = True
-) -> Tensor:
-    """F(w): validation CE after one virtual SGD step on the alpha-weighted training loss (differentiable in w)."""
-    parameters, buffers = _student_state(student)
-    logits, kd, ce = _training_terms(student, parameters, buffers, problem)
-    alpha = _alpha(fusion, logits, problem)
-    virtual = _sgd_step(parameters, fused_loss(alpha, kd, ce), problem.virtual_lr, create_graph=create_graph)
-    return _validation_loss(student, virtual, buffers, problem)
-
-
 def hypergradient(
-    student: nn.Module, fusion: FusionNetwork, problem: BilevelProblem, *, first_order: bool = False, fd_epsilon: float = 0.01
+    student: nn.Module,
+    fusion: FusionNetwork,
+    problem: BilevelProblem,
+    *,
+    first_order: bool = False,
+    fd_epsilon: float = 0.01,
+    training_logits: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
-    """``(F(w), dF/dw)`` for the fusion network's parameters; the student is left untouched."""
-    if first_order:
-        return _finite_difference_hypergradient(student, fusion, problem, fd_epsilon)
-    loss = validation_loss_after_virtual_step(student, fusion, problem)
-    return loss.detach(), _grads_or_zeros(loss, list(fusion.parameters()))
+    """``(F(w), dF/dw)`` for the fusion network's parameters; the student is left untouched.
 
+    ``training_logits``: the student's logits on ``problem.inputs`` from a forward pass
+    the caller reuses for its real step (its graph is kept); None = a forward pass of
+    its own, on copies of the buffers.
 
-def _finite_difference_hypergradient(
-    student: nn.Module, fusion: FusionNetwork, problem: BilevelProblem, fd_epsilon: float
-) -> tuple[Tensor, list[Tensor]]:
-    """dF/dw = -eta * d/dw [v . grad_theta L_train(theta, w)], v = grad F at the virtual point.
-
-    L_train = mean_i CE_i + alpha_i (KD_i - CE_i), so v . grad_theta L_train depends on w
-    through mean_i alpha_i * (v . grad_theta (KD_i - CE_i)); the per-sample directional
-    derivatives come from a central difference at theta +- eps * v.
+    With theta' = theta - eta * g(w), g = grad_theta L_train and v = grad F at theta',
+    dF/dw = (d theta'/dw)^T v = -eta * d/dw [v . g(theta, w)]. The training loss is
+    L_train = mean_i CE_i + alpha_i(w) * D_i with D_i = KD_i - CE_i, so
+    v . g = mean_i (v . grad_CE_i) + mean_i alpha_i(w) * (v . grad_theta D_i), and
+    dF/dw = -eta * d/dw mean_i alpha_i(w) * (v . grad_theta D_i): the second derivative
+    reduces to one directional derivative of every D_i along v, taken by forward-mode
+    AD (exact) or by a central difference (``first_order``: first derivatives only).
     """
     parameters, buffers = _student_state(student)
-    logits, kd, ce = _training_terms(student, parameters, buffers, problem)
-    alpha = _alpha(fusion, logits, problem)
-    stepped = _sgd_step(parameters, fused_loss(alpha.detach(), kd, ce), problem.virtual_lr, create_graph=False)
-    virtual = {name: value.detach().requires_grad_() for name, value in stepped.items()}
+    if training_logits is None:
+        training_logits = functional_call(student, (parameters, buffers), (problem.inputs,))
+    kd, ce = per_sample_terms(training_logits, problem.teacher_logits, problem.targets, problem.temperature, problem.kl_reduction)
+    alpha = _alpha(fusion, training_logits, problem)
+    training_loss = fused_loss(alpha.detach(), kd, ce)
+    grads = torch.autograd.grad(training_loss, list(parameters.values()), retain_graph=True, allow_unused=True)
+    virtual = {
+        name: (value if grad is None else value - problem.virtual_lr * grad).detach().requires_grad_()
+        for (name, value), grad in zip(parameters.items(), grads)
+    }
     loss = _validation_loss(student, virtual, buffers, problem)
-    direction = _grads_or_zeros(loss, list(virtual.values()))
-    norm = torch.sqrt(sum(grad.pow(2).sum() for grad in direction))
-    if norm == 0:
-        return loss.detach(), [torch.zeros_like(p) for p in fusion.parameters()]
-    epsilon = fd_epsilon / norm
-
-    def kd_minus_ce(sign: float) -> Tensor:
-        shifted = {name: value + sign * epsilon * grad for (name, value), grad in zip(parameters.items(), direction)}
-        _, shifted_kd, shifted_ce = _training_terms(student, shifted, buffers, problem)
-        return shifted_kd - shifted_ce
-
-    with torch.no_grad():
-        directional = (kd_minus_ce(1.0) - kd_minus_ce(-1.0)) / (2 * epsilon)
-    surrogate = -problem.virtual_lr * (alpha * directional).mean()
+    direction = dict(zip(virtual, _grads_or_zeros(loss, list(virtual.values()))))
+    parameters = {name: value.detach() for name, value in parameters.items()}
+    if first_order:
+        directional = _central_difference(student, parameters, buffers, problem, direction, fd_epsilon)
+    else:
+        directional = _forward_mode_derivative(student, parameters, buffers, problem, direction)
+    surrogate = -problem.virtual_lr * (alpha * directional.detach()).mean()
     return loss.detach(), _grads_or_zeros(surrogate, list(fusion.parameters()))
+
+
+def _forward_mode_derivative(
+    student: nn.Module, parameters: dict[str, Tensor], buffers: dict[str, Tensor], problem: BilevelProblem, direction: dict[str, Tensor]
+) -> Tensor:
+    """v . grad_theta D_i for every sample i in one forward pass with tangents (forward-mode AD).
+
+    ``torch.autograd.forward_ad`` rather than ``torch.func.jvp``: batch norm updates its
+    (copied) running statistics in place, which functorch transforms refuse.
+    """
+    with forward_ad.dual_level(), warnings.catch_warnings():
+        # PyTorch's own lazily loaded forward-AD decompositions still call the deprecated torch.jit.script.
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
+        duals = {name: forward_ad.make_dual(value, direction[name]) for name, value in parameters.items()}
+        return forward_ad.unpack_dual(_kd_minus_ce(student, duals, buffers, problem)).tangent
+
+
+@torch.no_grad()
+def _central_difference(
+    student: nn.Module,
+    parameters: dict[str, Tensor],
+    buffers: dict[str, Tensor],
+    problem: BilevelProblem,
+    direction: dict[str, Tensor],
+    fd_epsilon: float,
+) -> Tensor:
+    """(D_i(theta + eps v) - D_i(theta - eps v)) / 2 eps with eps = fd_epsilon / |v| (DARTS)."""
+    norm = torch.sqrt(sum(grad.pow(2).sum() for grad in direction.values()))
+    if norm == 0:
+        return torch.zeros_like(problem.targets, dtype=torch.float32)
+    epsilon = fd_epsilon / norm
+    above, below = (
+        _kd_minus_ce(student, {name: value + sign * epsilon * direction[name] for name, value in parameters.items()}, buffers, problem)
+        for sign in (1, -1)
+    )
+    return (above - below) / (2 * epsilon)
 
 
 def _grads_or_zeros(loss: Tensor, inputs: list[Tensor]) -> list[Tensor]:
@@ -324,9 +350,10 @@ class AdaptiveFusion(Method):
     def training_step(self, batch: Batch) -> StepOutput:
         teacher_logits = self.teacher_logits(batch.inputs)
         self.steps += 1
-        if self.fusion is not None and (self.steps - 1) % self.params.meta_every == 0:
-            self._update_fusion(batch, teacher_logits)
         logits = self.student(batch.inputs)
+        if self.fusion is not None and (self.steps - 1) % self.params.meta_every == 0:
+            # The virtual step reuses this forward pass, unless a DDP or compile wrapper owns its graph.
+            self._update_fusion(batch, teacher_logits, logits if self.student is self.plain_student else None)
         alpha = self._ratio(logits, teacher_logits, batch.targets)
         kd, ce = per_sample_terms(logits, teacher_logits, batch.targets, self.params.temperature, self.params.kl_reduction)
         self._record(batch, alpha, teacher_logits)
@@ -380,7 +407,7 @@ class AdaptiveFusion(Method):
             return wls_ratio(student_logits, teacher_logits, targets)
         return torch.full_like(targets, self.params.alpha, dtype=torch.float32)
 
-    def _update_fusion(self, batch: Batch, teacher_logits: Tensor) -> None:
+    def _update_fusion(self, batch: Batch, teacher_logits: Tensor, logits: Tensor | None) -> None:
         assert self.fusion is not None and self.fusion_optimizer is not None and self.class_means is not None
         val = next(self.val_batches)
         problem = BilevelProblem(
@@ -395,7 +422,12 @@ class AdaptiveFusion(Method):
             virtual_lr=self.params.virtual_lr,
         )
         loss, grads = hypergradient(
-            self.plain_student, self.fusion, problem, first_order=self.params.first_order, fd_epsilon=self.params.fd_epsilon
+            self.plain_student,
+            self.fusion,
+            problem,
+            first_order=self.params.first_order,
+            fd_epsilon=self.params.fd_epsilon,
+            training_logits=logits,
         )
         grads = self._averaged_over_ranks(grads)
         for parameter, grad in zip(self.fusion.parameters(), grads):

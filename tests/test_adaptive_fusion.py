@@ -106,6 +106,14 @@ def test_first_order_hypergradient_approximates_the_exact_one() -> None:
     torch.testing.assert_close(approximate_flat, exact_flat, rtol=1e-4, atol=1e-8)
 
 
+def test_hypergradient_can_reuse_the_real_forward_pass() -> None:
+    student, fusion, problem = tiny_bilevel_problem()
+    _, own_forward = hypergradient(student, fusion, problem)
+    _, shared_forward = hypergradient(student, fusion, problem, training_logits=student(problem.inputs))
+    for own, shared in zip(own_forward, shared_forward):
+        torch.testing.assert_close(shared, own)
+
+
 @pytest.mark.parametrize("first_order", [False, True])
 def test_hypergradient_leaves_the_student_and_its_batch_norm_statistics_untouched(first_order: bool) -> None:
     student, fusion, problem = tiny_bilevel_problem()
