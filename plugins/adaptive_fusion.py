@@ -464,7 +464,12 @@ class AdaptiveFusion(Method):
 
     def _endless_val_batches(self, seed: int) -> Iterator[Batch]:
         for round_ in itertools.count():
-            yield from self.context.batches("val", shuffle=True, batch_size=self.params.val_batch_size, seed=seed + round_)
+            batches = self.context.batches("val", shuffle=True, batch_size=self.params.val_batch_size, seed=seed + round_)
+            first = next(batches, None)
+            if first is None:  # the loader drops a lone sample: batch norm cannot train on it
+                raise MethodError("adaptive-fusion needs a validation split of at least 2 samples: raise --val-split")
+            yield first
+            yield from batches
 
 
 def class_means_from_sums(sums: Tensor, counts: Tensor) -> Tensor:

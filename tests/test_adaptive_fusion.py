@@ -21,7 +21,7 @@ from kdcli.data.bundle import ImageSplit
 from kdcli.data.synthetic import make_synthetic
 from kdcli.engine import Runtime, Trainer, TrainingData, method_context
 from kdcli.losses import distillation_kl
-from kdcli.method import Batch, MethodContext
+from kdcli.method import Batch, MethodContext, MethodError
 from kdcli.models import create_model
 from kdcli_plugins.adaptive_fusion import (
     AdaptiveFusion,
@@ -187,6 +187,18 @@ def test_learned_ratio_trusts_the_teacher_less_where_it_is_wrong() -> None:
     assert last["alpha_teacher_right"] > 0.6
     assert last["alpha_teacher_wrong"] < 0.35
     assert last["alpha_q75"] - last["alpha_q25"] > 0.3
+
+
+def test_a_validation_split_too_small_for_a_batch_is_a_method_error() -> None:
+    def batches(split: str, **options: object) -> Iterator[Batch]:
+        return iter(())  # what the loader yields for a one-sample split
+
+    context = MethodContext(num_classes=3, num_train=8, epochs=1, steps_per_epoch=1, device=CPU, mean=(0.0,), std=(1.0,), batches=batches, has_val=True)
+    method = AdaptiveFusion(AdaptiveFusionParams(), student=nn.Linear(4, 3), teacher=nn.Linear(4, 3), context=context)
+    method.class_means = torch.full((3, 3), 1 / 3)  # skip the pass over the (empty) training split
+    method.on_epoch_start(1)
+    with pytest.raises(MethodError, match="val-split"):
+        method.training_step(Batch(torch.randn(8, 4), torch.randint(3, (8,)), torch.arange(8)))
 
 
 # --- the baselines share the loss ---------------------------------------------------------------------
