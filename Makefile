@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 PLUGIN_EXAMPLES := examples/kdcli-dkd
 EXPERIMENT_ARGS ?=
 
-.PHONY: venv install demo test bench experiment-tfkd experiment-feature-mimic experiment-soteacher clean
+.PHONY: venv install demo test bench experiment-tfkd experiment-feature-mimic experiment-soteacher experiment-fusion clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ experiment-feature-mimic: $(VENV)/.installed
 # Standard vs SoTeacher teachers (3 seeds) and a KD student from each, on the synthetic set.
 experiment-soteacher: $(VENV)/.installed
 	$(BIN)/python examples/experiments/soteacher_vs_standard.py $(EXPERIMENT_ARGS)
+
+# adaptive-fusion under label noise: learned vs fixed vs ADA vs WLS ratios, 3 seeds (~15 min on 2 cores).
+experiment-fusion: $(VENV)/.installed
+	$(BIN)/python examples/experiments/adaptive_fusion.py --out runs/experiment-fusion
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

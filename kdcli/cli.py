@@ -198,6 +198,9 @@ def _print_summary(summary: TrainingSummary, *, as_json: bool) -> None:
     if summary.teacher_relation is not None:
         relation = summary.teacher_relation
         stdout.print(f"teacher vs student: [bold]{relation.kind}[/bold]: {escape('; '.join(relation.facts()))}", highlight=False)
+    diagnostics = summary.history[-1].get("method", {}) if summary.history else {}
+    if diagnostics:  # whatever the method reported for its last epoch (e.g. fusion-ratio statistics)
+        stdout.print("method, last epoch: " + "  ".join(f"{name} {value:.4g}" for name, value in diagnostics.items()))
     stdout.print(f"checkpoint: {summary.run_dir / 'last.safetensors'}")
 
 

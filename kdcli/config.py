@@ -49,6 +49,9 @@ class SyntheticConfig(StrictModel):
     noise_std: NonNegativeFloat = 0.2
     dirichlet_alpha: PositiveFloat = 0.05
     zipf_exponent: NonNegativeFloat = 1.0
+    label_flip: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Fraction of train labels moved to another class (label noise; test untouched)."
+    )
     seed: int = 0
 
 

@@ -16,6 +16,10 @@ Generative model (after the SoTeacher paper's data model):
   fresh uniform noise, a distractor that looks like no particular prototype.
 - ``p*(x)`` is the mean of its features' ``p*(.|z)``; the label is drawn from it,
   so labels are noisy the way real labels are.
+- Optionally (``label_flip``), a fraction of the *train* labels is replaced by a
+  uniformly drawn different class, as in label-noise studies. The flips come
+  from a generator of their own, so images, ``p*`` and the test split are the
+  same with or without them; ``p*`` stays the clean distribution.
 
 Everything is drawn from one ``torch.Generator``: a seed fixes the data set.
 """
@@ -36,6 +40,7 @@ CHANNELS = 3
 # population statistics, the same for every seed and size.
 PIXEL_MEAN = 0.5
 PIXEL_STD = 1.0 / math.sqrt(12.0)
+LABEL_FLIP_SEED_OFFSET = 0x5EED_F11B
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ def make_synthetic(
     noise_std: float = 0.2,
     dirichlet_alpha: float = 0.05,
     zipf_exponent: float = 1.0,
+    label_flip: float = 0.0,
     seed: int = 0,
 ) -> DataBundle:
     """Generate the synthetic data set; both splits carry ``p_star``.
@@ -65,6 +71,8 @@ def make_synthetic(
     different features than the ones that define its p*(x).
     """
     _check_arguments(num_train, num_test, num_classes, vocab_size, features_per_input, image_size, patch_size)
+    if not 0.0 <= label_flip < 1.0:
+        raise UsageError(f"label_flip must be in [0, 1), got {label_flip}")
     generator = torch.Generator().manual_seed(seed)
     vocabulary = _make_vocabulary(
         vocab_size, num_classes, patch_size, dirichlet_alpha, zipf_exponent, generator
@@ -73,6 +81,8 @@ def make_synthetic(
         _sample_split(vocabulary, size, features_per_input, image_size, noise_std, generator)
         for size in (num_train, num_test)
     )
+    if label_flip > 0:
+        train = flip_labels(train, label_flip, num_classes, seed)
     return DataBundle(
         name="synthetic",
         num_classes=num_classes,
@@ -84,6 +94,18 @@ def make_synthetic(
         crop_padding=0,
         hflip=False,
     )
+
+
+def flip_labels(split: ImageSplit, fraction: float, num_classes: int, seed: int) -> ImageSplit:
+    """Move ``round(fraction * N)`` randomly chosen labels to a uniformly drawn *other* class."""
+    # A generator of its own (offset from the data seed), so the flips change nothing else.
+    generator = torch.Generator().manual_seed(seed + LABEL_FLIP_SEED_OFFSET)
+    count = round(fraction * len(split))
+    flipped = torch.randperm(len(split), generator=generator)[:count]
+    shift = torch.randint(1, num_classes, (count,), generator=generator)
+    targets = split.targets.clone()
+    targets[flipped] = (targets[flipped] + shift) % num_classes
+    return ImageSplit(split.images, targets, split.p_star)
 
 
 def bayes_accuracy(p_star: Tensor) -> float:
