@@ -27,8 +27,10 @@ demo: $(VENV)/.installed
 	$(KDCLI) distill --teacher $(DEMO_DIR)/teacher/last.safetensors --out $(DEMO_DIR)/student --overwrite --epochs 12
 	$(KDCLI) eval $(DEMO_DIR)/student/last.safetensors
 
+# One intra-op thread per process: the suite runs several torch processes at once
+# (torchrun, kill tests), and oversubscribed cores make torch's spinning threads crawl.
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks
