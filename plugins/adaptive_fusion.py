@@ -55,7 +55,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -292,16 +292,29 @@ def _grads_or_zeros(loss: Tensor, inputs: list[Tensor]) -> list[Tensor]:
 # -- the method -----------------------------------------------------------------------------------
 
 
-@dataclass
 class _EpochRecord:
-    """What one epoch's steps saw, for the per-epoch diagnostics."""
+    """What this epoch's steps saw, in fixed-shape buffers: a mid-epoch resume state holds it whole."""
 
-    alphas: list[Tensor] = field(default_factory=list)
-    teacher_right: list[Tensor] = field(default_factory=list)
-    indices: list[Tensor] = field(default_factory=list)
-    meta_losses: list[Tensor] = field(default_factory=list)
-    class_sums: Tensor | None = None  # [C, C] teacher probabilities summed per training label
-    class_counts: Tensor | None = None
+    def __init__(self, num_train: int, num_classes: int, device: torch.device) -> None:
+        self.alpha = torch.zeros(num_train, device=device)
+        self.seen = torch.zeros(num_train, dtype=torch.bool, device=device)  # trained on this epoch (by this rank)
+        self.teacher_right = torch.zeros(num_train, dtype=torch.bool, device=device)
+        self.meta_loss_sum = torch.zeros((), device=device)
+        self.meta_updates = 0  # also how many validation batches this epoch has drawn
+        self.class_sums = torch.zeros(num_classes, num_classes, device=device)  # teacher probabilities per label
+        self.class_counts = torch.zeros(num_classes, device=device)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "alpha": self.alpha, "seen": self.seen, "teacher_right": self.teacher_right, "meta_loss_sum": self.meta_loss_sum,
+            "meta_updates": self.meta_updates, "class_sums": self.class_sums, "class_counts": self.class_counts,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        device = self.alpha.device
+        for name in ("alpha", "seen", "teacher_right", "meta_loss_sum", "class_sums", "class_counts"):
+            setattr(self, name, state[name].to(device))
+        self.meta_updates = int(state["meta_updates"])
 
 
 class AdaptiveFusion(Method):
@@ -329,21 +342,21 @@ class AdaptiveFusion(Method):
         self.class_means: Tensor | None = None
         self.alpha_by_sample = torch.full((context.num_train,), math.nan, device=context.device)
         self.steps = 0
-        self.epoch_record = _EpochRecord()
+        self.epoch_record = self._empty_record()
         self.val_batches: Iterator[Batch] = iter(())
+        self.val_batches_to_skip = 0
 
     # -- hooks --------------------------------------------------------------------------------------
 
+    def _empty_record(self) -> _EpochRecord:
+        return _EpochRecord(self.context.num_train, self.context.num_classes, self.context.device)
+
     def on_epoch_start(self, epoch: int) -> None:
-        self.epoch_record = _EpochRecord()
+        self.epoch_record = self._empty_record()
         if self.fusion is None:
             return
         if self.class_means is None:
             self.class_means = self._class_means_from_training_split()
-        if self.params.class_means == "epoch":
-            classes = self.context.num_classes
-            self.epoch_record.class_sums = torch.zeros(classes, classes, device=self.context.device)
-            self.epoch_record.class_counts = torch.zeros(classes, device=self.context.device)
         # The engine seeds torch per (run seed, epoch, rank) before this hook: a resumed run replays it.
         self.val_batches = self._endless_val_batches(torch.initial_seed())
 
@@ -360,22 +373,26 @@ class AdaptiveFusion(Method):
         return StepOutput(logits, {"kd": (alpha * kd).mean(), "ce": ((1 - alpha) * ce).mean()})
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
-        record = self.epoch_record
-        if not record.alphas:
-            return {}
+        record, self.epoch_record = self.epoch_record, self._empty_record()
         gather = self.context.all_gather
-        alpha, right, index = (gather(torch.cat(parts)) for parts in (record.alphas, record.teacher_right, record.indices))
-        self.alpha_by_sample[index] = alpha
+        seen_by = gather(record.seen[None])  # [ranks, N]: each rank filled the samples it trained on
+        seen = seen_by.any(dim=0)
+        if not seen.any():
+            return {}
+        alpha = gather(record.alpha[None]).sum(dim=0)[seen] / seen_by.sum(dim=0)[seen]
+        right = (gather(record.teacher_right[None]) & seen_by).any(dim=0)[seen]
+        self.alpha_by_sample[seen] = alpha
         numbers = alpha_summary(alpha, right)
-        if record.meta_losses:
-            numbers["meta_val_ce"] = torch.stack(record.meta_losses).mean().item()
-        if record.class_sums is not None and record.class_counts is not None:
+        meta = gather(torch.stack([record.meta_loss_sum, torch.tensor(float(record.meta_updates), device=record.alpha.device)])[None]).sum(dim=0)
+        if meta[1] > 0:
+            numbers["meta_val_ce"] = (meta[0] / meta[1]).item()
+        if self.fusion is not None and self.params.class_means == "epoch":
             sums, counts = (gather(part[None]).sum(dim=0) for part in (record.class_sums, record.class_counts))
             self.class_means = class_means_from_sums(sums, counts)
         return numbers
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"steps": self.steps, "alpha_by_sample": self.alpha_by_sample}
+        state: dict[str, Any] = {"steps": self.steps, "alpha_by_sample": self.alpha_by_sample, "epoch": self.epoch_record.state()}
         if self.fusion is not None and self.fusion_optimizer is not None:
             state.update(
                 fusion=self.fusion.state_dict(),
@@ -388,6 +405,9 @@ class AdaptiveFusion(Method):
         device = self.context.device
         self.steps = int(state["steps"])
         self.alpha_by_sample = state["alpha_by_sample"].to(device)
+        self.epoch_record.load(state["epoch"])
+        # Resumed inside an epoch: the seeded validation stream restarts, so skip what was already used.
+        self.val_batches_to_skip = self.epoch_record.meta_updates
         if self.fusion is not None and self.fusion_optimizer is not None:
             self.fusion.load_state_dict(state["fusion"])
             self.fusion_optimizer.load_state_dict(state["fusion_optimizer"])
@@ -409,6 +429,9 @@ class AdaptiveFusion(Method):
 
     def _update_fusion(self, batch: Batch, teacher_logits: Tensor, logits: Tensor | None) -> None:
         assert self.fusion is not None and self.fusion_optimizer is not None and self.class_means is not None
+        for _ in range(self.val_batches_to_skip):
+            next(self.val_batches)
+        self.val_batches_to_skip = 0
         val = next(self.val_batches)
         problem = BilevelProblem(
             inputs=batch.inputs,
@@ -434,7 +457,8 @@ class AdaptiveFusion(Method):
             parameter.grad = grad
         self.fusion_optimizer.step()
         self.fusion_optimizer.zero_grad(set_to_none=True)
-        self.epoch_record.meta_losses.append(loss)
+        self.epoch_record.meta_loss_sum += loss.detach()
+        self.epoch_record.meta_updates += 1
 
     def _averaged_over_ranks(self, grads: list[Tensor]) -> list[Tensor]:
         if self.context.world_size == 1:
@@ -444,12 +468,11 @@ class AdaptiveFusion(Method):
 
     def _record(self, batch: Batch, alpha: Tensor, teacher_logits: Tensor) -> None:
         record = self.epoch_record
-        record.alphas.append(alpha.detach().float())
-        record.teacher_right.append(teacher_logits.argmax(dim=1).eq(batch.targets))
-        record.indices.append(batch.index)
-        if record.class_sums is not None and record.class_counts is not None:
-            record.class_sums.index_add_(0, batch.targets, F.softmax(teacher_logits.float(), dim=1))
-            record.class_counts += torch.bincount(batch.targets, minlength=self.context.num_classes)
+        record.alpha[batch.index] = alpha.detach().float()
+        record.seen[batch.index] = True
+        record.teacher_right[batch.index] = teacher_logits.argmax(dim=1).eq(batch.targets)
+        record.class_sums.index_add_(0, batch.targets, F.softmax(teacher_logits.float(), dim=1))
+        record.class_counts += torch.bincount(batch.targets, minlength=self.context.num_classes)
 
     @torch.no_grad()
     def _class_means_from_training_split(self) -> Tensor:

@@ -100,7 +100,10 @@ def _metrics(run: Path) -> list[dict[str, Any]]:
 
 
 def one_error_line(stderr: str) -> str:
-    """The single ``kdcli: error:`` line a failure must print, and nothing else (no traceback)."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    """The single ``kdcli: error:`` line a failure must print, and nothing else (no traceback).
+
+    One-line ``warning:`` notes printed before the failure (a weak teacher) are not part of it.
+    """
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("warning: ")]
     assert len(lines) == 1 and lines[0].startswith("kdcli: error: "), stderr
     return lines[0]

@@ -94,6 +94,7 @@ def print_teacher_check(check: TeacherCheck, arch: str | None, *, verbose: bool)
             f"warning: the teacher's clean {check.split} top-1 {check.top1:.4f} is below {check.min_top1:.4f} "
             "(teacher_min_top1); a weak teacher hurts distillation: consider a better-trained checkpoint",
             markup=False,
+            soft_wrap=True,
         )
 
 
