@@ -7,7 +7,6 @@ and an exit code (2: wrong invocation, 1: runtime failure, 130: interrupted).
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import os
 import sys
@@ -462,9 +461,9 @@ def methods_show(name: Annotated[str, typer.Argument(help="Method name.")], json
     stdout.print(f"[bold]{name}[/bold]: {method.summary}  (roles: {', '.join(sorted(method.roles))}; teacher: {method.teacher_use})")
     table = Table()
     for column in ("key", "type", "default", "help"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(f"method.{row['name']}", row["type"], json.dumps(row["default"]), row["help"])
+        table.add_row(f"method.{row['name']}", escape(row["type"]), escape(json.dumps(row["default"])), escape(row["help"]))
     stdout.print(table)
 
 
