@@ -46,7 +46,7 @@ class RunDir:
         return self.checkpoints_dir / f"epoch_{epoch:04d}.safetensors"
 
     def saved_checkpoints(self) -> list[Path]:
-        return sorted(self.checkpoints_dir.glob("epoch_*.safetensors"))
+        return sorted(self.checkpoints_dir.glob("epoch_[0-9][0-9][0-9][0-9].safetensors"))
 
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_bytes(self.config_path, (json.dumps(config, indent=2) + "\n").encode())
