@@ -30,7 +30,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks
 
-# adaptive-fusion under label noise: learned vs fixed vs ADA vs WLS ratios, 3 seeds (~15 min on 2 cores).
+# adaptive-fusion under label noise: learned vs fixed vs ADA vs WLS ratios, 3 seeds (tens of minutes on 2 cores).
 .PHONY: experiment-fusion
 experiment-fusion: $(VENV)/.installed
 	$(BIN)/python examples/experiments/adaptive_fusion.py --out runs/experiment-fusion
