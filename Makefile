@@ -47,7 +47,7 @@ experiment-feature-mimic: $(VENV)/.installed
 experiment-soteacher: $(VENV)/.installed
 	$(BIN)/python examples/experiments/soteacher_vs_standard.py $(EXPERIMENT_ARGS)
 
-# adaptive-fusion under label noise: learned vs fixed vs ADA vs WLS ratios, 3 seeds (~15 min on 2 cores).
+# adaptive-fusion under label noise: learned vs fixed vs ADA vs WLS ratios, 3 seeds (tens of minutes on 2 cores).
 experiment-fusion: $(VENV)/.installed
 	$(BIN)/python examples/experiments/adaptive_fusion.py --out runs/experiment-fusion
 

@@ -83,5 +83,5 @@ def main() -> None:
         "meta_every=1 first_order": ({"meta_every": 1, "first_order": True}, ""),
     }
     for label, (params, target) in variants.items():
-        kd, fusion = _paired_seconds(_training_steps("kd", {}, steps), _training_steps("adaptive-fusion", params, steps), rounds=5)
+        kd, fusion = _paired_seconds(_training_steps("kd", {}, steps), _training_steps("adaptive-fusion", params, steps), rounds=9)
         report(f"adaptive-fusion step, {label}", "kd", kd / steps, "adaptive-fusion", fusion / steps, target=target)

@@ -41,8 +41,10 @@ Choices where the paper leaves room (ours):
   (cheaper than double backward, same value). ``first_order`` takes it by a central
   finite difference instead (DARTS, Liu et al. 2019, eq. 7): first derivatives only.
 * Batch norm: the virtual step reuses the real step's forward pass on the training
-  batch (so running statistics move once, as in any step); every other virtual
-  forward pass runs in train mode on *copies* of the buffers.
+  batch (so running statistics move once, as in any step; under a DDP or
+  ``torch.compile`` wrapper it runs a forward pass of its own instead); every other
+  virtual forward pass, the validation one included, runs in train mode (batch
+  statistics) on *copies* of the buffers.
 * The MLP's output bias starts at logit(``alpha``): the learned ratio starts
   where ``fixed`` stays, and differs from it only by what the bilevel update learns.
 * Validation batches come from the held-out split (``--val-split``), un-augmented,

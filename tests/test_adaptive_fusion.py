@@ -345,7 +345,9 @@ def test_resume_reproduces_the_uninterrupted_run(teacher_run: Path, tmp_path: Pa
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "train_epoch", train_epoch)
         assert run_cli(*run, "--out", resumed).exit_code == 130
-    assert run_cli("distill", "--resume", resumed, "-q").exit_code == 0
+    finished = run_cli("distill", "--resume", resumed, "-q")
+    assert finished.exit_code == 0, finished
+    assert "method, last epoch: alpha_mean" in finished.stdout  # the summary shows the alpha diagnostics
 
     for name in ("last.safetensors", "resume.safetensors"):
         expected, actual = (safetensors.torch.load_file(root / name) for root in (straight, resumed))
