@@ -288,7 +288,7 @@ def evaluate(
         return
     noise = report["noise"]
     condition = "" if noise is None else f" · noise σ={noise['std']:g}" + (f" photons={noise['photons']:g}" if noise["photons"] else "") + f" seed {noise['seed']}"
-    table = Table(title=f"{checkpoint} · {report['arch']} · {report['data']} {report['split']}{condition}")
+    table = Table(title=f"{report['arch']} · {report['data']} {report['split']}{condition}", caption=str(checkpoint))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in report["metrics"].items():

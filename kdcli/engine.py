@@ -820,7 +820,7 @@ class _EpochProgress:
             TimeRemainingColumn(),
             console=console,
             transient=True,
-            disable=console.quiet,
+            disable=console.quiet or not console.is_terminal,  # no bar (nor blank lines) in logs
         )
         self.task = self.progress.add_task("train", total=steps, completed=done, status="")
 
