@@ -15,7 +15,7 @@ from kdcli.engine import Trainer, method_context, prepare_student, prepare_teach
 from kdcli.jobs.common import load_data, model_from_checkpoint, training_data
 from kdcli.jobs.train import cached_teacher, resolve_config
 from kdcli.models import create_model
-from kdcli.registry import load_model_plugins
+from kdcli.registry import get_method, load_model_plugins
 from kdcli.rundir import RunDir
 
 
@@ -42,7 +42,7 @@ class Workload:
             },
             "train": {"batch_size": self.batch_size, "epochs": 1},
         }
-        if job == "distill":
+        if job == "distill" and get_method(method).teacher_use != "none":
             # build_trainer makes an untrained teacher itself; the path only satisfies resolve_config.
             tree["teacher"] = "untrained-teacher.safetensors"
         return RunConfig.model_validate(tree)
