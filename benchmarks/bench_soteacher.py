@@ -6,6 +6,9 @@ The extra work per step is the Lipschitz bound over every conv/bn/linear layer
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable
+
 import torch
 
 from benchmarks.common import report, seconds_per_call
@@ -18,11 +21,12 @@ from kdcli_plugins.standard import Standard, StandardParams
 NUM_TRAIN = 10_000
 NUM_CLASSES = 10
 BATCH_SIZE = 64
-ROUNDS = 3
+WARMUP = 3
+REPEATS = 30
 MODELS = ("cifar_resnet20", "cifar_wrn_40_2")
 
 
-def step_function(method: Method, batch: Batch) -> object:
+def step_function(method: Method, batch: Batch) -> Callable[[], None]:
     """What the engine does per step: sum the loss terms, backward, optimizer step."""
     optimizer = torch.optim.SGD(method.student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
@@ -33,6 +37,17 @@ def step_function(method: Method, batch: Batch) -> object:
         optimizer.step()
 
     return step
+
+
+def interleaved_medians(baseline: Callable[[], None], candidate: Callable[[], None]) -> tuple[float, float]:
+    """Median seconds per call of each, timed alternately call by call so both see the same machine load."""
+    timings: tuple[list[float], list[float]] = ([], [])
+    for function in (baseline, candidate):
+        seconds_per_call(function, warmup=WARMUP, repeats=1)
+    for _ in range(REPEATS):
+        for function, samples in zip((baseline, candidate), timings):
+            samples.append(seconds_per_call(function, warmup=0, repeats=1))
+    return statistics.median(timings[0]), statistics.median(timings[1])
 
 
 def build(method_cls: type[Method], params: object, arch: str, image_size: int, device: torch.device) -> Method:
@@ -60,13 +75,7 @@ def main() -> None:
         )
         standard = build(Standard, StandardParams(), arch, image_size, device)
         soteacher = build(SoTeacher, SoTeacherParams(), arch, image_size, device)
-        steps = {"standard": step_function(standard, batch), "soteacher": step_function(soteacher, batch)}
-        # Alternate rounds and keep each side's best median: a shared machine's load drifts.
-        timings: dict[str, float] = {}
-        for _ in range(ROUNDS):
-            for name, step in steps.items():
-                timings[name] = min(timings.get(name, float("inf")), seconds_per_call(step, repeats=10))
-        baseline, candidate = timings["standard"], timings["soteacher"]
+        baseline, candidate = interleaved_medians(step_function(standard, batch), step_function(soteacher, batch))
         report(
             f"soteacher step, {arch} {image_size}x{image_size} batch {BATCH_SIZE}",
             "standard", baseline, "soteacher", candidate, target="<= 1.15x",

@@ -359,7 +359,7 @@ def convert(
 )
 @reports_errors
 def sweep_checkpoints(
-    teacher_runs: Annotated[list[Path], typer.Argument(help="Teacher run directories (kdcli teach --out); several share one plot.", show_default=False)],
+    teacher_runs: Annotated[list[Path], typer.Argument(metavar="TEACHER_RUN_DIR", help="Teacher run directories (kdcli teach --out); several share one plot.", show_default=False)],
     method: Annotated[Optional[str], typer.Option("--method", help="Distillation method (default kd).", show_default=False)] = None,
     model: ModelOption = None,
     data_root: DataRootOption = None,

@@ -160,6 +160,16 @@ def test_consistency_schedules(schedule: str, expected: list[float]) -> None:
     assert values[-1] == pytest.approx(2.0) and values[0] <= values[-1]
 
 
+def test_methods_show_lists_every_hyperparameter_with_its_default() -> None:
+    shown = run_cli("methods", "show", "soteacher", "--json").json()
+    assert shown["roles"] == ["teach"] and shown["teacher"] == "none"
+    defaults = {row["name"]: row["default"] for row in shown["params"]}
+    assert defaults == {
+        "lipschitz_weight": 1e-5, "lipschitz_include_head": True, "consistency_weight": 1.0,
+        "consistency_schedule": "linear", "consistency_start_at": 50,
+    }
+
+
 RUN = ["--method", "soteacher", "--model", "cifar_resnet8", "--epochs", 3, "--set", "train.deterministic=true", *TINY]
 
 

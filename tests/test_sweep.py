@@ -22,9 +22,10 @@ def test_sweep_compares_two_teacher_runs(teacher_run: Path, tmp_path: Path) -> N
     other = tmp_path / "other-teacher"
     shutil.copytree(teacher_run, other)
     out = tmp_path / "sweep"
-    result = run_cli("sweep-checkpoints", teacher_run, other, "--every", 3, *STUDENT, "--epochs", 1, "--out", out)
+    result = run_cli("sweep-checkpoints", teacher_run, other, "--every", 3, *STUDENT, "--epochs", 1, "--out", out, "--json")
     assert result.exit_code == 0, result
-    assert "results.csv" in result.stdout and "sweep.png" in result.stdout
+    summary = result.json()
+    assert summary["plot"] is True and summary["sweep_dir"] == str(out)
 
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(row["teacher"], row["teacher_epoch"]) for row in rows] == [("teacher", "3"), ("other-teacher", "3")]
@@ -34,6 +35,7 @@ def test_sweep_compares_two_teacher_runs(teacher_run: Path, tmp_path: Path) -> N
     # Same teacher weights, same recipe, deterministic: the two students agree.
     assert rows[0]["teacher_top1"] == rows[1]["teacher_top1"] and rows[0]["student_top1"] == rows[1]["student_top1"]
     entries = json.loads((out / "results.json").read_text())
+    assert summary["entries"] == entries
     assert [(entry["teacher"], entry["student_top1"]) for entry in entries] == [(row["teacher"], float(row["student_top1"])) for row in rows]
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     student_config = json.loads(Path(rows[0]["student_run"], "config.json").read_text())

@@ -10,9 +10,11 @@ p*, so all three quantities are measured here:
 * teacher distance to p* on the training inputs (total variation and squared l2),
 * student test top-1 after Hinton KD from that teacher (the same recipe for all).
 
-Every teacher variant is trained with the same budget over the same seeds.
-Run with ``make experiment-soteacher`` (about 10 minutes on two idle CPU cores
-with the defaults) or ``python examples/experiments/soteacher_vs_standard.py --help``.
+Every teacher variant is trained with the same budget over the same seeds;
+finished runs under ``--out`` with the same config are reused, so variants can
+be added later (``--variant lip_scaled=lipschitz_weight=1e-3 --only lip_scaled``).
+Run with ``make experiment-soteacher`` (about 17 CPU-minutes with the defaults,
+10-15 minutes on two idle cores) or ``python examples/experiments/soteacher_vs_standard.py --help``.
 """
 
 from __future__ import annotations
