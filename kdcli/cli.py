@@ -28,7 +28,7 @@ from kdcli.errors import KdcliError, UsageError
 from kdcli.jobs.convert import InputSpec, convert_checkpoint
 from kdcli.jobs.evaluate import EVAL_SPLITS, evaluate_checkpoint
 from kdcli.jobs.sweep import SweepResult, build_recipe, find_teacher_runs, run_sweep
-from kdcli.jobs.train import TrainingSummary, run_training
+from kdcli.jobs.train import DEFAULT_METHODS, TrainingSummary, run_training
 from kdcli.method import API_VERSION, Method
 from kdcli.registry import get_method, method_plugins
 
@@ -140,9 +140,6 @@ def _flags_to_tree(values: dict[str, Any]) -> dict[str, Any]:
     if values.get("cache_teacher"):
         tree.setdefault("train", {})["cache_teacher"] = True
     return tree
-
-
-DEFAULT_METHODS = {"teach": "standard", "distill": "kd"}
 
 
 def _train(job: str, method: str | None, teacher: Path | None, values: dict[str, Any]) -> None:

@@ -168,6 +168,3 @@ def model_plugin_failures() -> list[str]:
 def get_dataset_builder(name: str) -> Any:
     return _resolve(DATASETS_GROUP, "data set", name).loaded
 
-
-def dataset_names() -> list[str]:
-    return sorted({entry_point.name for entry_point in _entry_points(DATASETS_GROUP)})

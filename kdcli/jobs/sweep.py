@@ -32,7 +32,7 @@ from kdcli.data.bundle import DataBundle
 from kdcli.errors import KdcliError, UsageError
 from kdcli.jobs.common import load_data
 from kdcli.jobs.evaluate import evaluate_checkpoint
-from kdcli.jobs.train import TrainingSummary, resolve_config, run_training
+from kdcli.jobs.train import DEFAULT_METHODS, TrainingSummary, resolve_config, run_training
 from kdcli.registry import get_method
 from kdcli.rundir import RunDir
 
@@ -109,7 +109,7 @@ def build_recipe(runs: list[TeacherRun], *, file: Path | None, flags: dict[str, 
     ``train.save_every`` says otherwise: a sweep trains many of them.
     """
     data = teacher_data(runs)
-    defaults: dict[str, Any] = {"method": {"name": "kd"}, "data": data}
+    defaults: dict[str, Any] = {"method": {"name": DEFAULT_METHODS["distill"]}, "data": data}
     flags = flags | {"job": "distill"}
     config = build_config(defaults=defaults, file=file, flags=flags, overrides=overrides)
     defaults["train"] = {"save_every": config.train.epochs}
