@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -23,12 +24,12 @@ from typer._click import exceptions as click_exceptions  # Typer vendors click s
 from typer.core import TyperGroup
 
 from kdcli import __version__
-from kdcli.config import build_config
-from kdcli.errors import KdcliError, UsageError
+from kdcli.config import DEFAULT_METHODS, build_config
+from kdcli.errors import KdcliError, ResumeHint, UsageError
 from kdcli.jobs.convert import InputSpec, convert_checkpoint
 from kdcli.jobs.evaluate import EVAL_SPLITS, evaluate_checkpoint
 from kdcli.jobs.sweep import SweepResult, build_recipe, find_teacher_runs, run_sweep
-from kdcli.jobs.train import DEFAULT_METHODS, TrainingSummary, run_training
+from kdcli.jobs.train import TrainingSummary, run_training
 from kdcli.method import API_VERSION, Method
 from kdcli.registry import get_method, method_plugins
 
@@ -80,7 +81,7 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except KdcliError as exc:
-            stderr.print(f"kdcli: error: {exc}", markup=False, soft_wrap=True)
+            stderr.print(f"kdcli: error: {exc}{_resume_words(exc.resume)}", markup=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:
             stderr.print(f"kdcli: error: {exc}", markup=False, soft_wrap=True)
@@ -91,6 +92,17 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _resume_words(hint: ResumeHint | None) -> str:
+    """How to continue a stopped run, as the command to type."""
+    if hint is None:
+        return ""
+    return f"; {hint.lead}: kdcli {hint.job} --resume {shlex.quote(str(hint.run_dir))}"
+
+
+def _note(text: str) -> None:
+    stderr.print(text, markup=False, soft_wrap=True)
 
 
 # -- options shared by teach and distill ---------------------------------------------
@@ -151,7 +163,7 @@ def _train(job: str, method: str | None, teacher: Path | None, values: dict[str,
         if given:
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
             raise UsageError(f"--resume continues a run with its saved config; drop {flags}")
-        summary = run_training(build_config(), resume, resume=True, show_progress=show_progress)
+        summary = run_training(build_config(), resume, resume=True, show_progress=show_progress, notify=_note)
     else:
         flags = _flags_to_tree(values) | {"job": job}
         if method is not None:
@@ -165,7 +177,7 @@ def _train(job: str, method: str | None, teacher: Path | None, values: dict[str,
             overrides=values["set"],
         )
         out = values["out"] or _default_out(job, config.method.name)
-        summary = run_training(config, out, overwrite=values["overwrite"], show_progress=show_progress)
+        summary = run_training(config, out, overwrite=values["overwrite"], show_progress=show_progress, notify=_note)
     _print_summary(summary, as_json=values["json_output"])
 
 
@@ -381,7 +393,7 @@ def sweep_checkpoints(
     if method is not None:
         flags["method"] = {"name": method}
     recipe = build_recipe(runs, file=config, flags=flags, overrides=set_ or [])
-    out = out or _default_out("sweep", recipe.method.name)
+    out = out or _default_out("sweep", recipe.config.method.name)
     if not quiet:
         count = sum(len(run.checkpoints) for run in runs)
         stderr.print(f"sweep: {count} students into {out} (rerun with --out {out} to continue)", markup=False, soft_wrap=True)
@@ -391,7 +403,7 @@ def sweep_checkpoints(
             line = f"[{done}/{total}] {row['teacher']} epoch {row['teacher_epoch']}: teacher {row['teacher_top1']:.4f}, student {row['student_top1']:.4f}"
             stderr.print(line, markup=False, soft_wrap=True)
 
-    result = run_sweep(runs, recipe, out, overwrite=overwrite, show_progress=not quiet, on_entry=report_entry)
+    result = run_sweep(runs, recipe, out, overwrite=overwrite, show_progress=not quiet, on_entry=report_entry, notify=_note)
     _print_sweep(result, as_json=json_output)
 
 

@@ -30,6 +30,10 @@ from pydantic import (
 from kdcli.errors import UsageError
 
 
+# The method a job uses when none is named: the one place this default is written.
+DEFAULT_METHODS: dict[str, str] = {"teach": "standard", "distill": "kd"}
+
+
 class StrictModel(BaseModel):
     """Base for config sections: unknown keys are errors, not silently ignored."""
 
@@ -128,7 +132,7 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    name: str = "standard"
+    name: str | None = Field(None, description="The method; None = the job's default (DEFAULT_METHODS).")
 
     @property
     def params(self) -> dict[str, Any]:
@@ -150,6 +154,12 @@ class RunConfig(StrictModel):
     train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
+    def _job_default_method(self) -> RunConfig:
+        if self.method.name is None:
+            self.method.name = DEFAULT_METHODS[self.job]
+        return self
+
+    @model_validator(mode="after")
     def _best_needs_validation(self) -> RunConfig:
         if self.train.keep_best and self.data.val_split == 0:
             raise ValueError("train.keep_best and train.early_stop_patience select on the validation split; set data.val_split above 0")
@@ -158,7 +168,7 @@ class RunConfig(StrictModel):
     @model_validator(mode="after")
     def _cache_needs_teacher(self) -> RunConfig:
         if self.train.cache_teacher and self.teacher is None:
-            raise ValueError("train.cache_teacher (--cache-teacher) caches a teacher's outputs; pass --teacher CKPT.safetensors")
+            raise ValueError("train.cache_teacher caches a teacher's outputs, and this run has no teacher")
         return self
 
 

@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ResumeHint:
+    """Facts for the line that tells the user how to continue a stopped run (the CLI words it)."""
+
+    job: str
+    run_dir: Path
+    lead: str = "continue with"
 
 
 class KdcliError(Exception):
@@ -12,9 +23,10 @@ class KdcliError(Exception):
     flag value, unknown name), 1 for a runtime failure (a broken file, a crash).
     """
 
-    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+    def __init__(self, message: str, *, exit_code: int = 1, resume: ResumeHint | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.resume = resume
 
 
 class UsageError(KdcliError):

@@ -1,56 +1,58 @@
-"""The public plugin API: what a knowledge-distillation method is to kdcli.
+"""The public plugin API (version 2): what a knowledge-distillation method is to kdcli.
 
 A method is one small object (the mdistiller contract): the engine hands it a
-batch, it returns the logits it trained on and a dict of named loss terms; the
-engine sums the terms, backpropagates, steps the optimizer and logs each term.
-The engine knows no method by name.  A method may additionally
+``Batch``, it returns the logits it trained on and a dict of named loss terms
+(``StepOutput``); the engine sums the terms, backpropagates, steps the
+optimizer and logs each term.  The engine knows no method by name.
+
+The student and the method's extra trainable modules (``trainable_modules``)
+form one ``nn.Module`` whose forward is ``training_step``: the engine wraps
+that module once with DDP and ``torch.compile``, so inside ``training_step``
+``self.student`` is always the plain network, and calling it, its
+``forward_intermediates`` or a connector needs no care about wrappers.
+
+The teacher is a source asked per batch: ``self.teacher_logits(batch)`` gives
+the frozen teacher's logits on ``batch.inputs`` (from a table of cached
+logits with ``train.cache_teacher``), ``self.teacher_logits_and_features`` and
+``self.teacher_features`` its stage features on any inputs.
+
+A method may additionally
 
 * declare hyperparameters as a pydantic model (``Params``), shown by
-  ``kdcli methods show`` and set with ``--set method.NAME=VALUE``;
+  ``kdcli methods show`` and set in the config's ``method`` section;
 * add trainable modules (connectors, small heads) with ``trainable_modules``:
-  the engine optimizes them with the student and saves them in the resume
-  state, never in the deployable student checkpoint;
+  optimized with the student and saved in the resume state, never in the
+  deployable student checkpoint;
 * react to epoch boundaries (``on_epoch_start``/``on_epoch_end``) and report
   extra per-epoch numbers;
 * keep state (tensors, numbers) that ``state_dict``/``load_state_dict`` carry
   through the resume state;
-* say why it needs, or takes no, teacher network (``teacher_note``), and have
-  its student default to the teacher's architecture
-  (``student_defaults_to_teacher_arch``, for self-distillation).
-* read intermediate features by stage index (``logits_and_features``,
-  ``stage_features``, ``feature_shapes``: timm's ``forward_intermediates``);
-* corrupt inputs with ``PixelNoise`` (the noise ``kdcli eval --noise-std`` uses);
-* raise ``UsageError`` for a setting that does not fit the run (one line, no traceback).
-* raise ``MethodError`` when the run cannot work as configured (a model the
-  method cannot handle, a bad combination of settings): the CLI prints it as
-  one line, not a traceback.
+* choose what validation feeds the student (``eval_inputs``);
+* choose the student's architecture when the user names none (``default_model``);
+* raise ``MethodError`` when the run cannot work as configured: the CLI
+  prints it as one line, not a traceback.
 
-Plugins import from this module, :mod:`kdcli.losses`, torch and pydantic only.
-The contract, with a complete example, is documented in ``docs/plugins.md``;
-``API_VERSION`` (MAJOR.MINOR) versions it: a plugin declares the version it
-was written against in ``Method.api_version`` and loads when the major
-versions agree and its minor version is not newer than kdcli's.
-
-With ``kdcli distill --cache-teacher`` the ``teacher`` a method receives is a
-stand-in that answers calls on the current ``batch.inputs`` from a table of
-the teacher's logits (other inputs run the real teacher); anything beyond
-calling it (``forward_intermediates``, its layers, ``train()``) raises an error
-telling the user to drop ``--cache-teacher``.
+Plugins import from this module, :mod:`kdcli.losses`, :mod:`kdcli.noise`,
+torch and pydantic only.  The contract, with complete examples, is documented
+in ``docs/plugins.md``; ``API_VERSION`` (MAJOR.MINOR) versions it: a plugin
+declares the version it was written against in ``Method.api_version`` and
+loads when the major versions agree and its minor version is not newer than
+kdcli's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from timm.utils import unwrap_model
 from torch import Tensor, nn
 
-from kdcli.data.noise import PixelNoise
 from kdcli.errors import UsageError
+from kdcli.features import feature_shapes, logits_and_features, stage_features
+from kdcli.step import Batch, StepOutput
 
 __all__ = [
     "API_VERSION",
@@ -60,9 +62,9 @@ __all__ = [
     "MethodContext",
     "MethodError",
     "MethodParams",
-    "PixelNoise",
     "Role",
     "StepOutput",
+    "Teacher",
     "TeacherUse",
     "UsageError",
     "feature_shapes",
@@ -70,7 +72,7 @@ __all__ = [
     "stage_features",
 ]
 
-API_VERSION = "1.0"
+API_VERSION = "2.0"
 
 TeacherUse = Literal["required", "none", "optional"]
 Role = Literal["teach", "distill"]
@@ -86,22 +88,16 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-@dataclass(frozen=True)
-class Batch:
-    """One training batch, already augmented and normalized on the device."""
+class Teacher(Protocol):
+    """The frozen teacher, asked per batch (``kdcli.teacher.FrozenTeacher`` or the logit cache)."""
 
-    inputs: Tensor
-    targets: Tensor
-    index: Tensor  # position of each sample in the training split (for per-sample state)
+    def logits(self, batch: Batch) -> Tensor: ...
 
+    def logits_and_features(self, inputs: Tensor, indices: Sequence[int]) -> tuple[Tensor, list[Tensor]]: ...
 
-@dataclass
-class StepOutput:
-    """What a training step returns: logits, loss terms to sum, and numbers to log."""
+    def features(self, inputs: Tensor, indices: Sequence[int]) -> list[Tensor]: ...
 
-    logits: Tensor
-    losses: dict[str, Tensor]
-    logs: dict[str, Tensor | float] = field(default_factory=dict)
+    def feature_shapes(self, input_size: tuple[int, int, int]) -> list[torch.Size]: ...
 
 
 class BatchSource(Protocol):
@@ -124,7 +120,7 @@ def _no_batches(split: str, **options: Any) -> Iterator[Batch]:
 
 @dataclass(frozen=True)
 class MethodContext:
-    """Facts about the run a method may need; built by the engine's caller."""
+    """Facts about the run a method may need; built by the run before the method."""
 
     num_classes: int
     num_train: int  # samples in the training split (size of per-sample banks)
@@ -148,49 +144,50 @@ class Method:
     teacher_use: ClassVar[TeacherUse] = "required"
     summary: ClassVar[str] = ""
     Params: ClassVar[type[MethodParams]] = MethodParams
-    # Why the method needs, or takes no, teacher network: added to the error when --teacher is misused.
+    # Why the method needs, or takes no, teacher network: added to the error when a teacher is misused.
     teacher_note: ClassVar[str] = ""
-    # Without --model the student gets the teacher checkpoint's architecture (self-distillation),
-    # instead of the job's default model.
-    student_defaults_to_teacher_arch: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        params: MethodParams,
-        *,
-        student: nn.Module,
-        teacher: nn.Module | None,
-        context: MethodContext,
-    ) -> None:
+    def __init__(self, params: MethodParams, *, student: nn.Module, teacher: Teacher | None, context: MethodContext) -> None:
         self.params = params
         self.student = student
         self.teacher = teacher
         self.context = context
 
+    @classmethod
+    def default_model(cls, *, teacher_arch: str | None) -> str | None:
+        """The student's architecture when the user names none; None = the job's default model."""
+        return None
+
     def training_step(self, batch: Batch) -> StepOutput:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def teacher_logits(self, inputs: Tensor) -> Tensor:
-        """Frozen teacher forward: eval mode, no graph."""
-        return self._frozen_teacher()(inputs)
+    # -- the teacher and features --------------------------------------------------------
 
-    @torch.no_grad()
+    def teacher_logits(self, batch: Batch) -> Tensor:
+        """The frozen teacher's logits on ``batch.inputs`` (no graph)."""
+        return self._source().logits(batch)
+
+    def teacher_logits_and_features(self, inputs: Tensor, indices: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
+        """The frozen teacher's logits and features at stage ``indices`` on ``inputs`` (no graph)."""
+        return self._source().logits_and_features(inputs, indices)
+
     def teacher_features(self, inputs: Tensor, indices: Sequence[int]) -> list[Tensor]:
-        """The frozen teacher's features at stage ``indices``: no graph, stops after the deepest."""
-        return stage_features(self._frozen_teacher(), inputs, indices)
+        """Only the frozen teacher's features at stage ``indices`` (no graph; stops after the deepest)."""
+        return self._source().features(inputs, indices)
 
     def student_logits_and_features(self, inputs: Tensor, indices: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
-        """The student's logits and features at stage ``indices``, through the engine's wrappers."""
+        """The student's logits and features at stage ``indices`` (ascending stage order), in one forward."""
         return logits_and_features(self.student, inputs, indices)
 
-    def _frozen_teacher(self) -> nn.Module:
+    def _source(self) -> Teacher:
         if self.teacher is None:
             raise RuntimeError(f"{type(self).__name__} has no teacher")
         return self.teacher
 
+    # -- optional hooks ------------------------------------------------------------------
+
     def trainable_modules(self) -> dict[str, nn.Module]:
-        """Extra modules optimized together with the student (not deployed)."""
+        """Extra modules optimized together with the student (not deployed); asked once, after construction."""
         return {}
 
     def eval_inputs(self, inputs: Tensor) -> Tensor:
@@ -220,66 +217,3 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, module in self.trainable_modules().items():
             module.load_state_dict(state[name])
-
-
-# -- intermediate features ----------------------------------------------------------
-
-
-def _feature_model(model: nn.Module) -> nn.Module:
-    inner = unwrap_model(model)
-    if not callable(getattr(inner, "forward_intermediates", None)):
-        raise UsageError(f"model {type(inner).__name__} has no forward_intermediates: its features cannot be selected by stage index")
-    return inner
-
-
-def logits_and_features(model: nn.Module, inputs: Tensor, indices: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
-    """Logits and the features at stage ``indices`` (timm ``forward_intermediates``) in one forward.
-
-    Features come in ascending stage order, whatever the order of ``indices``.
-    ``model`` may be the engine's wrapper of the student (DDP, ``torch.compile``).
-    Calling ``forward_intermediates`` on the unwrapped network would bypass
-    DDP, whose gradient all-reduce only fires after its own forward ran; so the
-    unwrapped network's ``forward`` is swapped for this one call and the call
-    goes through every wrapper.
-    """
-    inner = _feature_model(model)
-
-    def forward(images: Tensor) -> tuple[Tensor, list[Tensor]]:
-        final, features = inner.forward_intermediates(images, indices=list(indices))
-        return inner.forward_head(final), features
-
-    if model is inner:
-        return forward(inputs)
-    inner.forward = forward  # an instance attribute shadows the class's forward
-    try:
-        return model(inputs)
-    finally:
-        del inner.forward
-
-
-def stage_features(model: nn.Module, inputs: Tensor, indices: Sequence[int]) -> list[Tensor]:
-    """Only the features at stage ``indices`` (ascending stage order), stopping after the deepest.
-
-    For frozen models: no wrapper has to see the call.
-    """
-    inner = _feature_model(model)
-    return inner.forward_intermediates(inputs, indices=list(indices), intermediates_only=True, stop_early=True)
-
-
-@torch.no_grad()
-def feature_shapes(model: nn.Module, input_size: tuple[int, int, int]) -> list[torch.Size]:
-    """Per-sample shape of every stage's feature (index 0 first) for inputs of ``input_size``, from a dry run.
-
-    The length of the list is the number of stage indices the model has.  Runs
-    in eval mode, so batch-norm statistics stay untouched, and restores the mode.
-    """
-    inner = _feature_model(model)
-    parameter = next(inner.parameters())
-    probe = torch.zeros(2, *input_size, device=parameter.device, dtype=parameter.dtype)
-    was_training = inner.training
-    inner.eval()
-    try:
-        features = inner.forward_intermediates(probe, intermediates_only=True)
-    finally:
-        inner.train(was_training)
-    return [feature.shape[1:] for feature in features]

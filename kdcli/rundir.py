@@ -12,6 +12,10 @@ from kdcli.checkpoint import TEMPORARY_PATTERN, atomic_write_bytes
 from kdcli.errors import UsageError
 
 
+class RunDirExists(UsageError):
+    """A new run was asked for in a directory that already holds files."""
+
+
 @dataclass(frozen=True)
 class RunDir:
     """``config.json``, ``metrics.jsonl``, ``last.safetensors``, ``best.safetensors``, ``resume.safetensors``, ``checkpoints/``."""
@@ -72,10 +76,10 @@ def prepare_run_dir(root: Path, *, overwrite: bool) -> RunDir:
     """A fresh run directory; an existing non-empty one is refused unless ``overwrite``."""
     run_dir = RunDir(root)
     if root.exists() and not root.is_dir():
-        raise UsageError(f"--out {root} exists and is not a directory")
+        raise UsageError(f"run directory {root} exists and is not a directory")
     if root.exists() and any(root.iterdir()):
         if not overwrite:
-            raise UsageError(f"run directory {root} already exists; pass --resume {root} to continue it or --overwrite to replace it")
+            raise RunDirExists(f"run directory {root} already exists")
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     return run_dir

@@ -1,10 +1,10 @@
-"""Teacher-output caching (``kdcli distill --cache-teacher``): the frozen teacher's logits, computed once.
+"""Teacher-output caching (``train.cache_teacher``): the frozen teacher's logits, computed once.
 
-``CachedTeacher`` stands in for the teacher module a method receives. Before
-each training step the engine tells it which batch is being trained
-(``serving``); a call on exactly that batch's inputs returns the logits stored
-for its samples and runs the real teacher only for samples not stored yet.
-Every other call (other inputs, a perturbed copy, a method's own data access)
+``CachedTeacher`` is a teacher source (see :mod:`kdcli.teacher`): a method
+asks it for a batch's logits, and a training batch (one that names the epoch
+whose replayable augmentation made it) is answered from a table keyed by
+``batch.index``; only samples not stored yet run the real teacher.  Every
+other batch (a method's own pass over a split, a perturbed copy it built)
 runs the real teacher, so a method gets the teacher's true outputs either way.
 
 What is stored:
@@ -23,9 +23,8 @@ never pick up a table); KEY hashes the teacher file's bytes, the training
 split's pixels and labels, normalization, augmentation, seed and precision, so
 any change of those starts a new table.
 
-Only logits are cached: a method that asks the teacher for anything else
-(features through ``forward_intermediates``, layers to hook, training mode)
-gets a ``TeacherCacheError`` naming what it asked for.
+Only logits are cached: a method that asks for the teacher's features gets a
+``TeacherCacheError`` saying so.
 """
 
 from __future__ import annotations
@@ -33,10 +32,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +43,8 @@ from kdcli.checkpoint import load_state, save_state
 from kdcli.data.augment import BatchAugment
 from kdcli.data.bundle import ImageSplit
 from kdcli.errors import KdcliError, UsageError
-from kdcli.method import Batch
+from kdcli.step import Batch
+from kdcli.teacher import FrozenTeacher
 
 # Bump when the meaning of a stored table changes (how augmentation is drawn or seeded).
 CACHE_FORMAT = 1
@@ -53,11 +52,10 @@ HASH_CHUNK_BYTES = 1 << 24
 CACHE_FOLDER = "teacher-cache"
 
 
-class TeacherCacheError(KdcliError, AttributeError):
-    """A method asked the cached teacher for more than its logits.
 
-    Also an ``AttributeError``, so ``hasattr(teacher, name)`` answers False.
-    """
+
+class TeacherCacheError(KdcliError):
+    """A method asked the cached teacher for more than its logits."""
 
 
 def file_digest(path: Path) -> str:
@@ -99,10 +97,10 @@ def cache_path(teacher_path: Path, key: str, epoch: int | None) -> Path:
 def check_writable(teacher_path: Path) -> None:
     folder = teacher_path.parent / CACHE_FOLDER
     if not os.access(folder if folder.exists() else teacher_path.parent, os.W_OK):
-        raise UsageError(f"--cache-teacher stores the teacher's logits in {folder}, which is not writable")
+        raise UsageError(f"the teacher cache (train.cache_teacher) stores the teacher's logits in {folder}, which is not writable")
 
 
-class CachedTeacher(nn.Module):
+class CachedTeacher(FrozenTeacher):
     """A frozen teacher whose logits on training batches come from a per-sample table.
 
     ``per_epoch``: one table per epoch (random, replayable augmentation) instead
@@ -112,7 +110,7 @@ class CachedTeacher(nn.Module):
 
     def __init__(
         self,
-        teacher: nn.Module,
+        network: nn.Module,
         *,
         teacher_path: Path,
         key: str,
@@ -121,13 +119,10 @@ class CachedTeacher(nn.Module):
         all_reduce_sum: Callable[[Tensor], Tensor] = lambda tensor: tensor,
         writes: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(network)
         if writes:
             check_writable(teacher_path)
-        # Kept out of nn.Module's registry: hooks on the real teacher's layers
-        # would silently not run on cache hits, so its layers are not reachable.
-        object.__setattr__(self, "_live", teacher)
-        object.__setattr__(self, "_teacher_path", teacher_path)
+        self.teacher_path = teacher_path
         self.key = key
         self.num_samples = num_samples
         self.per_epoch = per_epoch
@@ -138,44 +133,35 @@ class CachedTeacher(nn.Module):
         self._fresh: Tensor | None = None  # bool [N]: rows computed in this epoch by this process
         self._complete = False  # every row filled: known without asking the device
         self._table_epoch: int | None = None  # the epoch whose table is loaded (per_epoch); 0: the run's table
-        self._serving: Batch | None = None
-        self._serving_version = 0
         self._hits = 0
         self._computed = 0
-        self.eval()
 
-    # -- the module methods needs ---------------------------------------------------------------
+    # -- the teacher source ---------------------------------------------------------------------
 
-    def forward(self, inputs: Tensor) -> Tensor:
-        batch = self._serving
-        if batch is None or inputs is not batch.inputs or inputs._version != self._serving_version:
-            return self._run_teacher(inputs)
-        return self._lookup(batch.index, inputs)
+    def logits(self, batch: Batch) -> Tensor:
+        """A training batch of the current table's epoch from the table; any other batch from the network."""
+        if batch.epoch is None or self._table_epoch != self._table_of(batch.epoch):
+            return super().logits(batch)
+        return self._lookup(batch.index, batch.inputs)
 
-    def train(self, mode: bool = True) -> CachedTeacher:
-        if mode:
-            raise TeacherCacheError(
-                "the method puts the teacher in training mode, so its outputs depend on the batch and cannot be "
-                "cached; run it without --cache-teacher"
-            )
-        return super().train(False)
+    def logits_and_features(self, inputs: Tensor, indices: Sequence[int]) -> NoReturn:
+        self._only_logits()
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("_"):
-                raise
-            raise TeacherCacheError(
-                f"the method uses teacher.{name}, but --cache-teacher keeps only the teacher's logits; "
-                "run this method without --cache-teacher"
-            ) from None
+    def features(self, inputs: Tensor, indices: Sequence[int]) -> NoReturn:
+        self._only_logits()
 
-    # -- what the engine calls ------------------------------------------------------------------
+    def feature_shapes(self, input_size: tuple[int, int, int]) -> NoReturn:
+        self._only_logits()
 
-    def start_epoch(self, epoch: int) -> None:
+    def _only_logits(self) -> NoReturn:
+        raise TeacherCacheError(
+            "the method reads the teacher's features, but the teacher cache (train.cache_teacher) keeps only "
+            "the teacher's logits; run this method without it"
+        )
+
+    def on_epoch_start(self, epoch: int) -> None:
         """Make the table of ``epoch`` current: loaded from its file, or empty."""
-        table_epoch = epoch if self.per_epoch else 0
+        table_epoch = self._table_of(epoch)
         if table_epoch != self._table_epoch:
             self._table_epoch = table_epoch
             self._logits, self._filled, self._complete = None, None, False
@@ -184,16 +170,7 @@ class CachedTeacher(nn.Module):
             self._fresh = torch.zeros_like(self._filled)
         self._hits = self._computed = 0
 
-    @contextmanager
-    def serving(self, batch: Batch) -> Iterator[None]:
-        """While training on ``batch``, calls on ``batch.inputs`` are answered from the table."""
-        self._serving, self._serving_version = batch, batch.inputs._version
-        try:
-            yield
-        finally:
-            self._serving = None
-
-    def finish_epoch(self) -> dict[str, int]:
+    def on_epoch_end(self, epoch: int) -> dict[str, int]:
         """Merge what every process computed, save the table if it grew, and report hits and computed samples."""
         counts = self._all_reduce_sum(torch.tensor([self._hits, self._computed], dtype=torch.float64, device=self._device()))
         hits, computed = (int(value) for value in counts.tolist())
@@ -206,12 +183,15 @@ class CachedTeacher(nn.Module):
 
     # -- internals ------------------------------------------------------------------------------
 
+    def _table_of(self, epoch: int) -> int:
+        return epoch if self.per_epoch else 0
+
     def _path(self, table_epoch: int | None) -> Path:
-        return cache_path(self._teacher_path, self.key, table_epoch if self.per_epoch else None)
+        return cache_path(self.teacher_path, self.key, table_epoch if self.per_epoch else None)
 
     @torch.no_grad()
     def _run_teacher(self, inputs: Tensor) -> Tensor:
-        return self._live(inputs)
+        return self.network(inputs)
 
     def _lookup(self, index: Tensor, inputs: Tensor) -> Tensor:
         if not self._complete:
@@ -275,5 +255,5 @@ class CachedTeacher(nn.Module):
         save_state(path, {"key": self.key, "logits": self._logits, "filled": self._filled})
 
     def _device(self) -> torch.device:
-        parameter = next(self._live.parameters(), None)
+        parameter = next(self.network.parameters(), None)
         return parameter.device if parameter is not None else torch.device("cpu")

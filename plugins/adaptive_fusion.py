@@ -41,8 +41,7 @@ Choices where the paper leaves room (ours):
   (cheaper than double backward, same value). ``first_order`` takes it by a central
   finite difference instead (DARTS, Liu et al. 2019, eq. 7): first derivatives only.
 * Batch norm: the virtual step reuses the real step's forward pass on the training
-  batch (so running statistics move once, as in any step; under a DDP or
-  ``torch.compile`` wrapper it runs a forward pass of its own instead); every other
+  batch (so running statistics move once, as in any step); every other
   virtual forward pass, the validation one included, runs in train mode (batch
   statistics) on *copies* of the buffers.
 * The MLP's output bias starts at logit(``alpha``): the learned ratio starts
@@ -68,7 +67,7 @@ from torch.autograd import forward_ad
 from torch.func import functional_call
 
 from kdcli.losses import KLReduction
-from kdcli.method import Batch, Method, MethodContext, MethodError, MethodParams, StepOutput
+from kdcli.method import Batch, Method, MethodContext, MethodError, MethodParams, StepOutput, Teacher
 
 Ratio = Literal["learned", "ada", "wls", "fixed"]
 GEOMETRY_BLOCKS = 9  # h holds nine C-dimensional blocks
@@ -327,10 +326,9 @@ class AdaptiveFusion(Method):
     summary = "TGeo-KD: per-sample teacher/label fusion ratio learned by bilevel optimization (or ADA, WLS, fixed)."
     Params = AdaptiveFusionParams
 
-    def __init__(self, params: AdaptiveFusionParams, *, student: nn.Module, teacher: nn.Module | None, context: MethodContext) -> None:
+    def __init__(self, params: AdaptiveFusionParams, *, student: nn.Module, teacher: Teacher | None, context: MethodContext) -> None:
         super().__init__(params, student=student, teacher=teacher, context=context)
         self.params: AdaptiveFusionParams = params
-        self.plain_student = _unwrapped(student)
         self.fusion: FusionNetwork | None = None
         self.fusion_optimizer: torch.optim.Optimizer | None = None
         if params.ratio == "learned":
@@ -363,12 +361,11 @@ class AdaptiveFusion(Method):
         self.val_batches = self._endless_val_batches(torch.initial_seed())
 
     def training_step(self, batch: Batch) -> StepOutput:
-        teacher_logits = self.teacher_logits(batch.inputs)
+        teacher_logits = self.teacher_logits(batch)
         self.steps += 1
         logits = self.student(batch.inputs)
         if self.fusion is not None and (self.steps - 1) % self.params.meta_every == 0:
-            # The virtual step reuses this forward pass, unless a DDP or compile wrapper owns its graph.
-            self._update_fusion(batch, teacher_logits, logits if self.student is self.plain_student else None)
+            self._update_fusion(batch, teacher_logits, logits)  # the virtual step reuses this forward pass
         alpha = self._ratio(logits, teacher_logits, batch.targets)
         kd, ce = per_sample_terms(logits, teacher_logits, batch.targets, self.params.temperature, self.params.kl_reduction)
         self._record(batch, alpha, teacher_logits)
@@ -429,7 +426,7 @@ class AdaptiveFusion(Method):
             return wls_ratio(student_logits, teacher_logits, targets)
         return torch.full_like(targets, self.params.alpha, dtype=torch.float32)
 
-    def _update_fusion(self, batch: Batch, teacher_logits: Tensor, logits: Tensor | None) -> None:
+    def _update_fusion(self, batch: Batch, teacher_logits: Tensor, logits: Tensor) -> None:
         assert self.fusion is not None and self.fusion_optimizer is not None and self.class_means is not None
         for _ in range(self.val_batches_to_skip):
             next(self.val_batches)
@@ -447,7 +444,7 @@ class AdaptiveFusion(Method):
             virtual_lr=self.params.virtual_lr,
         )
         loss, grads = hypergradient(
-            self.plain_student,
+            self.student,
             self.fusion,
             problem,
             first_order=self.params.first_order,
@@ -483,7 +480,7 @@ class AdaptiveFusion(Method):
         sums = torch.zeros(classes, classes, device=self.context.device)
         counts = torch.zeros(classes, device=self.context.device)
         for batch in self.context.batches("train"):
-            sums.index_add_(0, batch.targets, F.softmax(self.teacher_logits(batch.inputs).float(), dim=1))
+            sums.index_add_(0, batch.targets, F.softmax(self.teacher_logits(batch).float(), dim=1))
             counts += torch.bincount(batch.targets, minlength=classes)
         return class_means_from_sums(sums, counts)
 
@@ -524,14 +521,3 @@ def _fusion_optimizer(fusion: FusionNetwork, params: AdaptiveFusionParams) -> to
     if params.meta_optimizer == "sgd":
         return torch.optim.SGD(fusion.parameters(), lr=params.meta_lr, momentum=0.9)
     return torch.optim.Adam(fusion.parameters(), lr=params.meta_lr)
-
-
-def _unwrapped(student: nn.Module) -> nn.Module:
-    """The plain model under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if isinstance(student, nn.parallel.DistributedDataParallel):
-            student = student.module
-        elif isinstance(getattr(student, "_orig_mod", None), nn.Module):
-            student = student._orig_mod
-        else:
-            return student

@@ -25,17 +25,8 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, model_validator
 from torch import Tensor, nn
 
 from kdcli.losses import distillation_kl
-from kdcli.method import (
-    Batch,
-    Method,
-    MethodContext,
-    MethodParams,
-    PixelNoise,
-    StepOutput,
-    UsageError,
-    feature_shapes,
-    logits_and_features,
-)
+from kdcli.method import Batch, Method, MethodContext, MethodParams, StepOutput, Teacher, UsageError, feature_shapes
+from kdcli.noise import PixelNoise
 
 VALIDATION_NOISE_SEED = 0  # the noisy validation copy is the same every epoch
 
@@ -111,7 +102,7 @@ class FeatureMimic(Method):
     summary = "Hong et al. 2021: noisy-input student mimics the clean teacher's stage features (+CE); noisy-val selection."
     Params = FeatureMimicParams
 
-    def __init__(self, params: FeatureMimicParams, *, student: nn.Module, teacher: nn.Module | None, context: MethodContext) -> None:
+    def __init__(self, params: FeatureMimicParams, *, student: nn.Module, teacher: Teacher | None, context: MethodContext) -> None:
         super().__init__(params, student=student, teacher=teacher, context=context)
         self.noise = PixelNoise(sigma=params.noise_std, photons=params.photons)
         self.validation_noise = torch.Generator(context.device)
@@ -128,7 +119,7 @@ class FeatureMimic(Method):
         if self.context.input_size is None:
             raise RuntimeError("feature-mimic needs MethodContext.input_size to size its connectors")
         student_shapes = feature_shapes(self.student, self.context.input_size)
-        teacher_shapes = feature_shapes(self.teacher, self.context.input_size)
+        teacher_shapes = self._source().feature_shapes(self.context.input_size)
         student_indices = resolve_indices([s for s, _, _ in pairs], len(student_shapes), "method.layers", "student")
         teacher_indices = resolve_indices([t for _, t, _ in pairs], len(teacher_shapes), "method.teacher_layers", "teacher")
         connectors = nn.ModuleList(
@@ -147,7 +138,7 @@ class FeatureMimic(Method):
         else:
             logits, student_features = self.student(noisy), []
         losses = {"ce": params.ce_weight * F.cross_entropy(logits, batch.targets)}
-        teacher_logits, teacher_features = self._teacher_outputs(batch.inputs)
+        teacher_logits, teacher_features = self._teacher_outputs(batch)
         by_student = dict(zip(sorted(self.student_indices), student_features))
         by_teacher = dict(zip(sorted(self.teacher_indices), teacher_features))
         for student_index, teacher_index, weight, connector in zip(self.student_indices, self.teacher_indices, self.weights, self.connectors):
@@ -157,15 +148,14 @@ class FeatureMimic(Method):
             losses["kd"] = params.kd_weight * distillation_kl(logits, teacher_logits, params.temperature)
         return StepOutput(logits, losses)
 
-    @torch.no_grad()
-    def _teacher_outputs(self, clean: Tensor) -> tuple[Tensor | None, list[Tensor]]:
+    def _teacher_outputs(self, batch: Batch) -> tuple[Tensor | None, list[Tensor]]:
         """The clean-input teacher's logits (only when KD is on) and features, from one forward."""
         indices = sorted(self.teacher_indices)
         if self.params.kd_weight == 0:
-            return None, self.teacher_features(clean, indices) if indices else []
+            return None, self.teacher_features(batch.inputs, indices) if indices else []
         if not indices:
-            return self.teacher_logits(clean), []
-        return logits_and_features(self.teacher, clean, indices)
+            return self.teacher_logits(batch), []
+        return self.teacher_logits_and_features(batch.inputs, indices)
 
     def on_epoch_start(self, epoch: int) -> None:
         # Validation runs after this epoch's steps and draws only from this generator.

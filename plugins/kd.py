@@ -32,7 +32,7 @@ class HintonKD(Method):
     Params = KDParams
 
     def training_step(self, batch: Batch) -> StepOutput:
-        teacher_logits = self.teacher_logits(batch.inputs)
+        teacher_logits = self.teacher_logits(batch)
         logits = self.student(batch.inputs)
         params = self.params
         losses = {

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field, NonNegativeFloat, NonNegativeInt
 from torch import Tensor, nn
 
-from kdcli.method import Batch, Method, MethodContext, MethodError, MethodParams, StepOutput
+from kdcli.method import Batch, Method, MethodContext, MethodError, MethodParams, StepOutput, Teacher
 
 ConsistencySchedule = Literal["linear", "step", "cosine", "cycle", "constant"]
 
@@ -88,7 +88,7 @@ class LipschitzLayers:
     @classmethod
     def of(cls, model: nn.Module, *, include_head: bool) -> LipschitzLayers:
         excluded = set() if include_head else {id(module) for head in _classifiers(model) for module in head.modules()}
-        # modules() yields every module once (shared ones too), wrappers (DDP, torch.compile) included.
+        # modules() yields every module once, shared ones too.
         kept = [module for module in model.modules() if id(module) not in excluded]
         # Without running statistics a batch norm divides by batch statistics: no fixed bound exists.
         norms = tuple(m for m in kept if isinstance(m, BATCH_NORM_TYPES) and m.running_var is not None)
@@ -144,7 +144,7 @@ class SoTeacher(Method):
     summary = "SoTeacher: CE + lambda_LR * Lipschitz bound + scheduled consistency to a temporal ensemble."
     Params = SoTeacherParams
 
-    def __init__(self, params: SoTeacherParams, *, student: nn.Module, teacher: nn.Module | None, context: MethodContext) -> None:
+    def __init__(self, params: SoTeacherParams, *, student: nn.Module, teacher: Teacher | None, context: MethodContext) -> None:
         super().__init__(params, student=student, teacher=teacher, context=context)
         self.params: SoTeacherParams = params
         self.lipschitz_layers = LipschitzLayers.of(student, include_head=params.lipschitz_include_head)

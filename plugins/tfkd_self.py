@@ -41,11 +41,15 @@ class TfKDSelf(Method):
     teacher_use = "required"
     summary = "Tf-KD self-training: a pretrained model (usually the student's own architecture) teaches."
     teacher_note = "usually a standard run of the student's own architecture"
-    student_defaults_to_teacher_arch = True
     Params = TfKDSelfParams
 
+    @classmethod
+    def default_model(cls, *, teacher_arch: str | None) -> str | None:
+        """Self-training: without ``--model`` the student gets the teacher's architecture."""
+        return teacher_arch
+
     def training_step(self, batch: Batch) -> StepOutput:
-        teacher_logits = self.teacher_logits(batch.inputs)
+        teacher_logits = self.teacher_logits(batch)
         logits = self.student(batch.inputs)
         params = self.params
         kd = distillation_kl(logits, teacher_logits, params.temperature, params.kl_reduction)

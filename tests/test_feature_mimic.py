@@ -16,7 +16,7 @@ from conftest import TINY, run_cli
 from kdcli.checkpoint import load_state, read_checkpoint_info
 from kdcli.config import DataConfig
 from kdcli.data.augment import BatchAugment, normalize
-from kdcli.data.noise import PixelNoise
+from kdcli.noise import PixelNoise
 from kdcli.errors import UsageError
 from kdcli.jobs.common import evaluation_split, load_data, model_from_checkpoint
 from kdcli.method import Batch, MethodContext, logits_and_features

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from kdcli.data.noise import PixelNoise
+from kdcli.noise import PixelNoise
 
 MEAN = (0.5, 0.4, 0.3)
 STD = (0.25, 0.2, 0.1)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,6 +41,21 @@ class ImageSplit:
         """The samples at ``index`` (int64 positions), in that order."""
         p_star = None if self.p_star is None else self.p_star[index]
         return ImageSplit(self.images[index], self.targets[index], p_star)
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """What a data-set entry point is asked for: plain values, not the run's config.
+
+    ``argument`` is what follows the colon in ``NAME:ARG``; ``synthetic`` holds
+    the embedded data set's generator settings.
+    """
+
+    argument: str | None = None
+    root: Path = Path("data")
+    download: bool = False
+    image_size: int = 64
+    synthetic: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

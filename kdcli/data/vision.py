@@ -47,7 +47,7 @@ def _cifar_split(
         dataset = dataset_class(str(root), train=train, download=download)
     except RuntimeError as error:  # torchvision's "not found or corrupted" (md5 checks)
         folder = Path(root) / dataset_class.base_folder
-        hint = "delete it and download again" if download else "pass --download to fetch it"
+        hint = "delete it and download again" if download else "set data.download to fetch it"
         raise KdcliError(f"{name} not found or corrupted in {folder}; {hint}") from error
     except OSError as error:  # network failures while downloading
         raise KdcliError(f"could not download {name} into {root}: {error}") from error

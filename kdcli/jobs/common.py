@@ -12,7 +12,7 @@ from torch import nn
 from kdcli.checkpoint import CheckpointInfo, load_checkpoint, tensors_mismatch
 from kdcli.config import DataConfig, format_validation_error
 from kdcli.data.augment import BatchAugment
-from kdcli.data.bundle import DataBundle, ImageSplit, split_train_val
+from kdcli.data.bundle import DataBundle, DataRequest, ImageSplit, split_train_val
 from kdcli.engine import TrainingData
 from kdcli.errors import KdcliError, UsageError, first_line, unknown_name
 from kdcli.models import create_model
@@ -22,7 +22,11 @@ from kdcli.registry import get_dataset_builder, load_model_plugins, model_plugin
 def load_data(config: DataConfig) -> DataBundle:
     """``--data NAME[:ARG]`` through the ``kdcli.datasets`` entry points."""
     name, _, argument = config.name.partition(":")
-    return get_dataset_builder(name)(config, argument or None)
+    request = DataRequest(
+        argument=argument or None, root=config.root, download=config.download, image_size=config.image_size,
+        synthetic=config.synthetic.model_dump(),
+    )
+    return get_dataset_builder(name)(request)
 
 
 def training_data(bundle: DataBundle, config: DataConfig) -> TrainingData:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ValidationError
+from torch import Tensor, nn
 
-from kdcli.config import TrainConfig, format_validation_error
-from kdcli.data.bundle import DataBundle
-from kdcli.data.noise import PixelNoise
-from kdcli.engine import InputTransform, predict, setup_runtime
+from kdcli.config import DataConfig, TrainConfig, format_validation_error
+from kdcli.data.bundle import DataBundle, ImageSplit
+from kdcli.noise import PixelNoise
 from kdcli.errors import UsageError
+from kdcli.inference import InputTransform, predict
 from kdcli.jobs.common import check_fits, checkpoint_data_config, evaluation_split, load_data, model_from_checkpoint
 from kdcli.metrics import classification_report, distance_to_true_distribution
+from kdcli.runtime import runtime_for
 
 EVAL_SPLITS = ("test", "val", "train")
 
@@ -58,22 +62,11 @@ def evaluate_checkpoint(
     if bundle is None:
         bundle = load_data(data_config)
     check_fits(info, bundle, checkpoint)
-    runtime = setup_runtime(settings)
-    model = model.to(runtime.device)
     transform = None if noise is None else seeded_noise(noise, info.mean, info.std, noise_seed)
-
-    def logits_of(split_name: str) -> tuple[Any, Any]:
-        samples = evaluation_split(bundle, data_config, split_name)
-        logits = predict(model, samples, mean=info.mean, std=info.std, device=runtime.device, batch_size=batch_size, transform=transform)
-        return logits, samples
-
-    logits, samples = logits_of(split)
-    metrics = classification_report(logits, samples.targets)
-    if bundle.test.p_star is not None:
-        for name in ("train", "test"):
-            split_logits, split_samples = (logits, samples) if name == split else logits_of(name)
-            distance = distance_to_true_distribution(split_logits.softmax(dim=1), split_samples.p_star)
-            metrics.update({f"pstar_{key}_{name}": value for key, value in distance.items()})
+    with runtime_for(settings) as runtime:
+        model = model.to(runtime.device)
+        measure = _Measure(model, bundle, data_config, info.mean, info.std, runtime.device, batch_size, transform)
+        metrics, samples = measure.report(split)
     return {
         "checkpoint": str(checkpoint),
         "arch": info.arch,
@@ -85,6 +78,38 @@ def evaluate_checkpoint(
         "noise": None if noise is None else {"std": noise_std, "photons": noise_photons, "seed": noise_seed},
         "metrics": metrics,
     }
+
+
+@dataclass(frozen=True)
+class _Measure:
+    """One model's predictions on the splits of one data set, with the same inputs every call."""
+
+    model: nn.Module
+    bundle: DataBundle
+    data_config: DataConfig
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: torch.device
+    batch_size: int
+    transform: InputTransform | None
+
+    def logits(self, split: str) -> tuple[Tensor, ImageSplit]:
+        samples = evaluation_split(self.bundle, self.data_config, split)
+        logits = predict(
+            self.model, samples, mean=self.mean, std=self.std, device=self.device, batch_size=self.batch_size, transform=self.transform
+        )
+        return logits, samples
+
+    def report(self, split: str) -> tuple[dict[str, float], ImageSplit]:
+        """Metrics on ``split``; where p* is known, the distance to it on the train and test inputs too."""
+        logits, samples = self.logits(split)
+        metrics = classification_report(logits, samples.targets)
+        if self.bundle.test.p_star is not None:
+            for name in ("train", "test"):
+                split_logits, split_samples = (logits, samples) if name == split else self.logits(name)
+                distance = distance_to_true_distribution(split_logits.softmax(dim=1), split_samples.p_star)
+                metrics.update({f"pstar_{key}_{name}": value for key, value in distance.items()})
+        return metrics, samples
 
 
 def input_noise(std: float, photons: float | None) -> PixelNoise | None:

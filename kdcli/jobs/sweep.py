@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from kdcli.checkpoint import atomic_write_bytes, read_checkpoint_info
-from kdcli.config import RunConfig, build_config, load_resolved_config
+from kdcli.config import DEFAULT_METHODS, build_config, load_resolved_config
 from kdcli.data.bundle import DataBundle
 from kdcli.errors import KdcliError, UsageError
 from kdcli.jobs.common import load_data
 from kdcli.jobs.evaluate import evaluate_checkpoint
-from kdcli.jobs.train import DEFAULT_METHODS, TrainingSummary, resolve_config, run_training
+from kdcli.jobs.build import RunSpec, resolve_run
+from kdcli.jobs.train import Notify, TrainingSummary, train
 from kdcli.registry import get_method
 from kdcli.rundir import RunDir
 
@@ -101,7 +102,7 @@ def _data_identity(data: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in data.items() if key not in DATA_LOCATION_KEYS}
 
 
-def build_recipe(runs: list[TeacherRun], *, file: Path | None, flags: dict[str, Any], overrides: list[str]) -> RunConfig:
+def build_recipe(runs: list[TeacherRun], *, file: Path | None, flags: dict[str, Any], overrides: list[str]) -> RunSpec:
     """The distill config shared by every student: defaults < file < flags < ``--set``.
 
     The data defaults to the teachers' and may only be moved (``root``,
@@ -118,15 +119,14 @@ def build_recipe(runs: list[TeacherRun], *, file: Path | None, flags: dict[str, 
         raise UsageError("a sweep distills on the data its teachers were trained on; only data.root and --download may change")
     if get_method(config.method.name).teacher_use == "none":
         raise UsageError(f"method {config.method.name!r} uses no teacher; a sweep distills from teacher checkpoints (e.g. --method kd)")
-    # Resolve once with the first checkpoint: a wrong method or hyperparameter fails before any training.
-    resolved, _, _ = resolve_config(config.model_copy(update={"teacher": runs[0].checkpoints[-1]}))
-    return resolved.model_copy(update={"teacher": None})
+    # Resolved once, with the first checkpoint: a wrong method or hyperparameter fails before any training.
+    return resolve_run(config.model_copy(update={"teacher": runs[0].checkpoints[-1]})).with_teacher(None)
 
 
-def prepare_sweep_dir(out: Path, recipe: RunConfig, *, overwrite: bool) -> None:
+def prepare_sweep_dir(out: Path, recipe: RunSpec, *, overwrite: bool) -> None:
     """A new sweep directory, or the same sweep's directory to continue; anything else is refused."""
     manifest = out / "sweep.json"
-    record = {"format": SWEEP_FORMAT, "recipe": recipe.model_dump(mode="json")}
+    record = {"format": SWEEP_FORMAT, "recipe": recipe.config.model_dump(mode="json")}
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -147,16 +147,17 @@ def _comparable(recipe: dict[str, Any]) -> dict[str, Any]:
 
 def run_sweep(
     runs: list[TeacherRun],
-    recipe: RunConfig,
+    recipe: RunSpec,
     out: Path,
     *,
     overwrite: bool = False,
     show_progress: bool = True,
     on_entry: EntryCallback | None = None,
+    notify: Notify | None = None,
 ) -> SweepResult:
     """Distill one student per selected teacher checkpoint, then write the results and the plot."""
     prepare_sweep_dir(out, recipe, overwrite=overwrite)
-    sweep = _Sweep(recipe, out, load_data(recipe.data), show_progress)
+    sweep = _Sweep(recipe, out, load_data(recipe.config.data), show_progress, notify)
     entries = [(run, checkpoint) for run in runs for checkpoint in run.checkpoints]
     rows = []
     for done, (run, checkpoint) in enumerate(entries, start=1):
@@ -171,10 +172,11 @@ def run_sweep(
 class _Sweep:
     """What every entry shares: the recipe, where results go, and the data set, loaded once."""
 
-    recipe: RunConfig
+    recipe: RunSpec
     out: Path
     bundle: DataBundle
     show_progress: bool
+    notify: Notify | None
 
     def entry(self, run: TeacherRun, checkpoint: Path) -> dict[str, Any]:
         """One row: read back when finished before, else evaluate the teacher and distill a student."""
@@ -182,9 +184,10 @@ class _Sweep:
         finished = entry_dir / "entry.json"
         if finished.is_file():
             return json.loads(finished.read_text(encoding="utf-8"))
+        config = self.recipe.config
         teacher = evaluate_checkpoint(
-            checkpoint, data_root=self.recipe.data.root, device=self.recipe.train.device,
-            batch_size=self.recipe.train.eval_batch_size, bundle=self.bundle,
+            checkpoint, data_root=config.data.root, device=config.train.device,
+            batch_size=config.train.eval_batch_size, bundle=self.bundle,
         )["metrics"]
         student = self.distill(checkpoint, entry_dir).test
         row = {
@@ -207,9 +210,9 @@ class _Sweep:
     def distill(self, checkpoint: Path, entry_dir: Path) -> TrainingSummary:
         resumable = (entry_dir / "resume.safetensors").is_file()
         try:
-            return run_training(
-                self.recipe.model_copy(update={"teacher": checkpoint}), entry_dir,
-                resume=resumable, overwrite=not resumable, show_progress=self.show_progress, bundle=self.bundle,
+            return train(
+                self.recipe.with_teacher(checkpoint), entry_dir, resume=resumable, overwrite=not resumable,
+                show_progress=self.show_progress, notify=self.notify, bundle=self.bundle,
             )
         except KdcliError as exc:
             if exc.exit_code != INTERRUPTED:

@@ -1,0 +1,62 @@
+"""What training prints while it runs: a progress bar per epoch, a line per epoch, notes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+PROGRESS_REFRESH_STEPS = 10
+
+
+class TrainingConsole:
+    """stderr output of one process; silent unless ``enabled`` (rank 0, not ``--quiet``)."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.console = Console(stderr=True, quiet=not enabled)
+
+    def note(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def epoch_done(self, record: dict[str, Any], epochs: int) -> None:
+        self.console.print(epoch_line(record, epochs))
+
+    def epoch_bar(self, epoch: int, epochs: int, steps: int, done: int) -> EpochProgress:
+        return EpochProgress(self.console, epoch, epochs, steps, done)
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['loss']['total']:.4f}", f"train {record['train_top1']:.3f}"]
+    if "val_top1" in record:
+        parts.append(f"val {record['val_top1']:.3f}")
+    parts += [f"lr {record['lr']:.4g}", f"{record['time_s']:.1f}s"]
+    return "  ".join(parts)
+
+
+class EpochProgress:
+    """A transient rich progress bar for one epoch, with running loss and accuracy."""
+
+    def __init__(self, console: Console, epoch: int, epochs: int, steps: int, done: int) -> None:
+        self.progress = Progress(
+            TextColumn(f"epoch {epoch}/{epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=console.quiet or not console.is_terminal,  # no bar (nor blank lines) in logs
+        )
+        self.task = self.progress.add_task("train", total=steps, completed=done, status="")
+
+    def __enter__(self) -> EpochProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.progress.__exit__(*exc_info)
+
+    def advance(self, step: int, loss: float, accuracy: float) -> None:
+        self.progress.update(self.task, completed=step, status=f"loss {loss:.4f} acc {accuracy:.3f}")

@@ -1,0 +1,156 @@
+"""Where and how this process trains: device, precision, process group and collectives."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from kdcli.config import TrainConfig
+from kdcli.errors import KdcliError, UsageError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Device, autocast precision, rank and world size of this process."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def per_rank_batch_size(self, global_batch_size: int) -> int:
+        """The batch size is global: each of the world's processes takes an equal share."""
+        if global_batch_size % self.world_size:
+            raise UsageError(
+                f"batch size {global_batch_size} is the global batch and must divide evenly over {self.world_size} processes"
+            )
+        return global_batch_size // self.world_size
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds in any process; every process must ask at the same point."""
+        if not self.distributed:
+            return flag
+        return bool(self.all_reduce_sum(torch.tensor(float(flag), device=self.device)).item())
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """Concatenate equally shaped tensors from every rank along dim 0."""
+        if not self.distributed:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    def shutdown(self, *, wait_for_others: bool = True) -> None:
+        """Leave the process group (torchrun warns about processes that do not).
+
+        After a failure the others may never reach a barrier: leave without one.
+        """
+        if self.distributed and dist.is_initialized():
+            if wait_for_others:
+                dist.barrier()
+            dist.destroy_process_group()
+
+    def rng_states(self) -> dict[str, Tensor]:
+        """The global generators a training step draws from (CPU, and this process's GPU)."""
+        states = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
+
+    def set_rng_states(self, states: dict[str, Tensor]) -> None:
+        torch.set_rng_state(states["torch"])
+        if "cuda" in states:
+            torch.cuda.set_rng_state(states["cuda"], self.device)
+
+    def wrap(self, module: nn.Module, train: TrainConfig) -> nn.Module:
+        """Move to the device, then wrap once for DDP and ``torch.compile``."""
+        module = self.place(module, train)
+        if self.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+        if train.compile:
+            module = torch.compile(module)
+        return module
+
+    def place(self, module: nn.Module, train: TrainConfig) -> nn.Module:
+        module = module.to(self.device)
+        return module.to(memory_format=torch.channels_last) if train.channels_last else module
+
+
+def setup_runtime(train: TrainConfig) -> Runtime:
+    """Pick the device, join the process group under torchrun, set precision and determinism."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise KdcliError("train.device is cuda but no CUDA device is available")
+    if want_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if world_size > 1 else 0
+    if train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device=device, autocast_dtype=_autocast_dtype(train.precision, device), rank=rank, world_size=world_size)
+
+
+@contextmanager
+def runtime_for(train: TrainConfig) -> Iterator[Runtime]:
+    """A runtime that leaves the process group it joined, however the work inside ends.
+
+    A process group that was already joined (an outer runtime) stays joined.
+    """
+    joins = not (dist.is_available() and dist.is_initialized())
+    runtime = setup_runtime(train)
+    try:
+        yield runtime
+    except BaseException:
+        if joins:
+            runtime.shutdown(wait_for_others=False)
+        raise
+    if joins:
+        runtime.shutdown()
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise KdcliError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        return torch.float16
+    return torch.bfloat16
