@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import report
-from kdcli.method import Batch, Method, MethodContext
+from kdcli.method import Batch, FrozenTeacher, Method, MethodContext
 from kdcli.models import create_model
 from kdcli.registry import get_method, load_model_plugins
 
@@ -47,7 +47,7 @@ def _training_steps(name: str, params: dict[str, Any], steps_per_call: int) -> C
     student = create_model("cifar_resnet8", num_classes=CLASSES, input_size=INPUT).train()
     teacher = create_model("cifar_resnet20", num_classes=CLASSES, input_size=INPUT).eval().requires_grad_(False)
     method_cls = get_method(name)
-    method: Method = method_cls(method_cls.Params.model_validate(params), student=student, teacher=teacher, context=_context())
+    method: Method = method_cls(method_cls.Params.model_validate(params), student=student, teacher=FrozenTeacher(teacher), context=_context())
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
     batch = _batch(0)
     method.on_epoch_start(1)

@@ -7,16 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from kdcli.checkpoint import CheckpointInfo
 from kdcli.config import RunConfig
-from kdcli.engine import Trainer, method_context, prepare_student, prepare_teacher, setup_runtime
-from kdcli.jobs.common import load_data, model_from_checkpoint, training_data
-from kdcli.jobs.train import cached_teacher, resolve_config
+from kdcli.engine import Trainer
+from kdcli.jobs.build import build_training, resolve_run
+from kdcli.jobs.common import load_data, model_from_checkpoint
 from kdcli.models import create_model
 from kdcli.registry import get_method, load_model_plugins
 from kdcli.rundir import RunDir
+from kdcli.runtime import setup_runtime
 
 
 @dataclass
@@ -43,41 +42,29 @@ class Workload:
             "train": {"batch_size": self.batch_size, "epochs": 1},
         }
         if job == "distill" and get_method(method).teacher_use != "none":
-            # build_trainer makes an untrained teacher itself; the path only satisfies resolve_config.
+            # build_trainer makes an untrained teacher itself; the path only satisfies resolve_run.
             tree["teacher"] = "untrained-teacher.safetensors"
         return RunConfig.model_validate(tree)
 
 
 def build_trainer(config: RunConfig, workload: Workload, run_dir: Path, teacher_path: Path | None = None) -> Trainer:
-    """Exactly what ``run_training`` assembles, minus the run directory's files.
+    """Exactly what a training run assembles, minus the run directory's files.
 
     The teacher is untrained unless ``teacher_path`` names a checkpoint, which
     ``train.cache_teacher`` also needs (its tables live beside it).
     """
-    config, method_cls, params = resolve_config(config)
+    spec = resolve_run(config)
     load_model_plugins()
-    bundle = load_data(config.data)
-    torch.manual_seed(0)
-    runtime = setup_runtime(config.train)
-    data = training_data(bundle, config.data)
-    teacher = teacher_cache = None
-    if method_cls.teacher_use != "none":
+    bundle = load_data(spec.config.data)
+    runtime = setup_runtime(spec.config.train)
+    teacher = None
+    if spec.method.teacher_use != "none":
         if teacher_path is None:
             teacher = create_model(workload.teacher, num_classes=bundle.num_classes, input_size=bundle.input_size)
         else:
             teacher, _ = model_from_checkpoint(teacher_path)
-        teacher = prepare_teacher(teacher, runtime, config.train)
-        if config.train.cache_teacher and teacher_path is not None:
-            teacher_cache = cached_teacher(teacher, teacher_path, data, config.train.seed, runtime)
-    student = create_model(config.model.name, num_classes=bundle.num_classes, input_size=bundle.input_size)
-    method = method_cls(
-        params,
-        student=prepare_student(student, runtime, config.train),
-        teacher=teacher if teacher_cache is None else teacher_cache,
-        context=method_context(config, data, runtime, bundle.num_classes),
-    )
-    template = CheckpointInfo(arch=config.model.name, num_classes=bundle.num_classes, input_size=bundle.input_size, mean=bundle.mean, std=bundle.std, method=config.method.name, epoch=0)
-    return Trainer(method, data, config, runtime, RunDir(run_dir), template, show_progress=False, teacher_cache=teacher_cache)
+            spec = spec.with_teacher(teacher_path)
+    return build_training(spec, bundle, teacher, runtime, RunDir(run_dir), show_progress=False).trainer
 
 
 def trainer_throughput(config: RunConfig, workload: Workload) -> float:

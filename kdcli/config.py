@@ -165,11 +165,6 @@ class RunConfig(StrictModel):
             raise ValueError("train.keep_best and train.early_stop_patience select on the validation split; set data.val_split above 0")
         return self
 
-    @model_validator(mode="after")
-    def _cache_needs_teacher(self) -> RunConfig:
-        if self.train.cache_teacher and self.teacher is None:
-            raise ValueError("train.cache_teacher caches a teacher's outputs, and this run has no teacher")
-        return self
 
 
 def format_validation_error(error: ValidationError, prefix: str = "") -> str:

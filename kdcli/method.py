@@ -53,11 +53,13 @@ from torch import Tensor, nn
 from kdcli.errors import UsageError
 from kdcli.features import feature_shapes, logits_and_features, stage_features
 from kdcli.step import Batch, StepOutput
+from kdcli.teacher import FrozenTeacher
 
 __all__ = [
     "API_VERSION",
     "Batch",
     "BatchSource",
+    "FrozenTeacher",
     "Method",
     "MethodContext",
     "MethodError",

@@ -65,6 +65,7 @@ from pydantic import Field, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kdcli.losses import KLReduction
 from kdcli.method import Batch, Method, MethodContext, MethodError, MethodParams, StepOutput, Teacher
@@ -255,9 +256,11 @@ def _forward_mode_derivative(
     """v . grad_theta D_i for every sample i in one forward pass with tangents (forward-mode AD).
 
     ``torch.autograd.forward_ad`` rather than ``torch.func.jvp``: batch norm updates its
-    (copied) running statistics in place, which functorch transforms refuse.
+    (copied) running statistics in place, which functorch transforms refuse.  Attention
+    runs on the math kernel: the fused ones (flash, memory-efficient) have no forward-mode rule.
     """
-    with forward_ad.dual_level(), warnings.catch_warnings():
+    # Fused attention kernels have no forward-mode derivative; the math kernel computes the same attention.
+    with forward_ad.dual_level(), sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
         # PyTorch's own lazily loaded forward-AD decompositions still call the deprecated torch.jit.script.
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
         duals = {name: forward_ad.make_dual(value, direction[name]) for name, value in parameters.items()}

@@ -19,9 +19,11 @@ from kdcli.config import RunConfig
 from kdcli.data.augment import BatchAugment, normalize
 from kdcli.data.bundle import ImageSplit
 from kdcli.data.synthetic import make_synthetic
-from kdcli.engine import Runtime, Trainer, TrainingData, method_context
+from kdcli.engine import Trainer, TrainingData
+from kdcli.jobs.build import method_context
+from kdcli.runtime import Runtime
 from kdcli.losses import distillation_kl
-from kdcli.method import Batch, MethodContext, MethodError
+from kdcli.method import Batch, FrozenTeacher, MethodContext, MethodError
 from kdcli.models import create_model
 from kdcli_plugins.adaptive_fusion import (
     AdaptiveFusion,
@@ -169,7 +171,7 @@ def test_learned_ratio_trusts_the_teacher_less_where_it_is_wrong() -> None:
     context, centres = blob_context(classes, features, seed=0)
     student = nn.Sequential(nn.Linear(features, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, classes))
     params = AdaptiveFusionParams(meta_lr=1e-2, hidden=32)
-    method = AdaptiveFusion(params, student=student, teacher=HalfWrongTeacher(centres), context=context)
+    method = AdaptiveFusion(params, student=student, teacher=FrozenTeacher(HalfWrongTeacher(centres)), context=context)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
     history = []
     for epoch in range(1, 5):
@@ -194,7 +196,7 @@ def test_a_validation_split_too_small_for_a_batch_is_a_method_error() -> None:
         return iter(())  # what the loader yields for a one-sample split
 
     context = MethodContext(num_classes=3, num_train=8, epochs=1, steps_per_epoch=1, device=CPU, mean=(0.0,), std=(1.0,), batches=batches, has_val=True)
-    method = AdaptiveFusion(AdaptiveFusionParams(), student=nn.Linear(4, 3), teacher=nn.Linear(4, 3), context=context)
+    method = AdaptiveFusion(AdaptiveFusionParams(), student=nn.Linear(4, 3), teacher=FrozenTeacher(nn.Linear(4, 3)), context=context)
     method.class_means = torch.full((3, 3), 1 / 3)  # skip the pass over the (empty) training split
     method.on_epoch_start(1)
     with pytest.raises(MethodError, match="val-split"):
@@ -225,9 +227,9 @@ def test_fixed_ratio_is_kd(reduction: str) -> None:
     batch = Batch(torch.randn(8, 5), torch.randint(4, (8,)), torch.arange(8))
     fusion = AdaptiveFusion(
         AdaptiveFusionParams(ratio="fixed", alpha=0.9, kl_reduction=reduction),
-        student=student, teacher=teacher, context=simple_context(4),
+        student=student, teacher=FrozenTeacher(teacher), context=simple_context(4),
     )
-    kd = HintonKD(KDParams(kl_reduction=reduction), student=student, teacher=teacher, context=simple_context(4))
+    kd = HintonKD(KDParams(kl_reduction=reduction), student=student, teacher=FrozenTeacher(teacher), context=simple_context(4))
     fusion.on_epoch_start(1)
     ours, theirs = fusion.training_step(batch).losses, kd.training_step(batch).losses
     torch.testing.assert_close(ours["kd"], theirs["kd"])
@@ -257,7 +259,7 @@ def test_class_means_come_from_the_training_split_and_its_labels(refresh: str) -
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, classes)).requires_grad_(False)
     student = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, classes))
-    method = AdaptiveFusion(AdaptiveFusionParams(class_means=refresh), student=student, teacher=teacher, context=context)
+    method = AdaptiveFusion(AdaptiveFusionParams(class_means=refresh), student=student, teacher=FrozenTeacher(teacher), context=context)
 
     probs = torch.softmax(teacher(normalize(train.images, mean, std)), dim=1)
     expected = torch.stack([probs[train.targets == label].mean(dim=0) for label in range(classes)])

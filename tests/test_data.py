@@ -21,7 +21,9 @@ from kdcli.data.bundle import DataBundle, ImageSplit, split_train_val
 from kdcli.data.loader import BatchLoader
 from kdcli.data.synthetic import bayes_accuracy, make_synthetic
 from kdcli.data.vision import load_cifar, load_imagefolder
+from kdcli.config import DataConfig
 from kdcli.errors import KdcliError
+from kdcli.jobs.common import load_data
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -172,7 +174,7 @@ def test_load_cifar100_reads_fine_labels(tmp_path: Path, monkeypatch: pytest.Mon
 def test_load_cifar_missing_root_is_one_clear_line(tmp_path: Path) -> None:
     root = tmp_path / "nowhere"
     with pytest.raises(KdcliError) as caught:
-        load_cifar(root, num_classes=100, download=False)
+        load_data(DataConfig(name="cifar100", root=root))  # the job words the missing data set's fix as a flag
     message = str(caught.value)
     assert str(root) in message and "--download" in message and "\n" not in message
 

@@ -13,6 +13,7 @@ import safetensors.torch
 import torch
 
 from conftest import TINY
+from kdcli.checkpoint import load_state
 
 # test_vit normalizes per sample (LayerNorm), and augmentation is replayable (sample i's
 # crop and flip depend on seed, epoch and i only), so sharding a global batch over ranks
@@ -54,3 +55,33 @@ def test_two_processes_match_one_process(teacher_run: Path, tmp_path: Path) -> N
         assert abs(a["loss"]["total"] - b["loss"]["total"]) < 1e-4  # metrics are reduced over ranks
         assert a["val_top1"] == b["val_top1"]
         assert b["teacher_cache"]["hits"] == 0 and a["teacher_cache"]["computed"] == 0  # tables merged over ranks
+
+
+# feature-mimic trains 1x1-conv connectors (test_vit's 64 channels to cifar_resnet14's 16) inside the one
+# DDP-wrapped module: without noise, 2 processes reach the 1-process weights, connectors included.
+FEATURE_MIMIC = [
+    "distill", "--method", "feature-mimic", "--model", "test_vit", "--epochs", "2", "--lr", "0.01",
+    "--set", "method.noise_std=0", "--set", "method.layers=[1,2]", "--set", "method.kd_weight=0.5",
+    "--set", "train.deterministic=true", *TINY,
+]
+
+
+def test_two_processes_train_connectors_like_one(teacher_run: Path, tmp_path: Path) -> None:
+    args = [*FEATURE_MIMIC, "--teacher", str(teacher_run / "last.safetensors")]
+    run_kdcli(args, tmp_path / "two", processes=2)
+    run_kdcli(args, tmp_path / "one", processes=1)
+    one, two = (load_state(tmp_path / run / "resume.safetensors") for run in ("one", "two"))
+    connectors = one["method"]["connectors"]
+    assert any(name.endswith("project.weight") for name in connectors)  # real connectors, not identities
+    for name, value in connectors.items():
+        torch.testing.assert_close(two["method"]["connectors"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    for name, value in one["model"].items():
+        torch.testing.assert_close(two["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_adaptive_fusion_trains_under_two_processes(teacher_run: Path, tmp_path: Path) -> None:
+    args = ["distill", "--method", "adaptive-fusion", "--model", "test_vit", "--epochs", "1", *TINY]
+    run_kdcli([*args, "--teacher", str(teacher_run / "last.safetensors")], tmp_path / "two", processes=2)
+    record = read_metrics(tmp_path / "two")[-1]
+    assert record["method"]["meta_val_ce"] > 0  # the fusion network was trained on the held-out split
+    assert 0.0 < record["method"]["alpha_mean"] < 1.0 and torch.isfinite(torch.tensor(record["loss"]["total"]))

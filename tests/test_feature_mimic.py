@@ -19,7 +19,8 @@ from kdcli.data.augment import BatchAugment, normalize
 from kdcli.noise import PixelNoise
 from kdcli.errors import UsageError
 from kdcli.jobs.common import evaluation_split, load_data, model_from_checkpoint
-from kdcli.method import Batch, MethodContext, logits_and_features
+from kdcli.method import Batch, FrozenTeacher, MethodContext, logits_and_features
+from kdcli.task import TrainableTask
 from kdcli.models import create_model
 from kdcli.registry import load_model_plugins
 from kdcli_plugins.feature_mimic import FeatureMimic, FeatureMimicParams
@@ -43,7 +44,7 @@ def build(student: str = "cifar_resnet8", teacher: str = "cifar_resnet14", **par
     return FeatureMimic(
         FeatureMimicParams.model_validate(params),
         student=create_model(student, num_classes=10, input_size=INPUT_SIZE),
-        teacher=create_model(teacher, num_classes=10, input_size=INPUT_SIZE).eval(),
+        teacher=FrozenTeacher(create_model(teacher, num_classes=10, input_size=INPUT_SIZE)),
         context=context(),
     )
 
@@ -69,7 +70,7 @@ def pixel_difference(noisy: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
 def test_clean_and_noisy_views_share_the_augmentation_and_differ_by_the_noise() -> None:
     batch = augmented_batch()
     method = build(noise_std=0.05)
-    student_seen, teacher_seen = stem_inputs(method.student), stem_inputs(method.teacher)
+    student_seen, teacher_seen = stem_inputs(method.student), stem_inputs(method.teacher.network)
     method.training_step(batch)
     assert torch.equal(teacher_seen[0], batch.inputs)  # the teacher sees the clean augmented batch itself
     difference = pixel_difference(student_seen[0], batch.inputs)
@@ -79,15 +80,14 @@ def test_clean_and_noisy_views_share_the_augmentation_and_differ_by_the_noise() 
         assert difference[:, channel].std().item() == pytest.approx(0.05, rel=0.1)
 
     without_noise = build(noise_std=0.0)
-    student_seen, teacher_seen = stem_inputs(without_noise.student), stem_inputs(without_noise.teacher)
+    student_seen, teacher_seen = stem_inputs(without_noise.student), stem_inputs(without_noise.teacher.network)
     without_noise.training_step(batch)
     assert torch.equal(student_seen[0], teacher_seen[0])
 
 
 def test_teacher_gradients_are_never_computed() -> None:
     method = build(kd_weight=0.5)
-    teacher = method.teacher
-    assert all(parameter.requires_grad for parameter in teacher.parameters())  # not even frozen by the engine here
+    teacher = method.teacher.network.requires_grad_(True)  # even unfrozen, the source runs it without a graph
     statistics = {name: buffer.clone() for name, buffer in teacher.named_buffers()}
     output = method.training_step(augmented_batch())
     assert set(output.losses) == {"ce", "mimic1", "mimic2", "mimic3", "kd"}
@@ -101,7 +101,7 @@ def test_teacher_gradients_are_never_computed() -> None:
 
 def test_zero_lambda_is_the_noisy_baseline_without_a_teacher_forward() -> None:
     method = build(feature_weight=0.0)
-    teacher_seen = stem_inputs(method.teacher)
+    teacher_seen = stem_inputs(method.teacher.network)
     output = method.training_step(augmented_batch())
     assert set(output.losses) == {"ce"} and teacher_seen == []
     per_layer = build(feature_weight=[0.0, 2.0, 0.0])
@@ -111,7 +111,7 @@ def test_zero_lambda_is_the_noisy_baseline_without_a_teacher_forward() -> None:
 @pytest.mark.parametrize(("student", "teacher"), [("test_efficientnet", "cifar_resnet8"), ("cifar_resnet8", "test_efficientnet")])
 def test_connectors_map_student_channels_to_teacher_channels(student: str, teacher: str) -> None:
     method = build(student, teacher, layers=[1, 2, -1], teacher_layers=[1, 2, 3])
-    student_info, teacher_info = method.student.feature_info, method.teacher.feature_info
+    student_info, teacher_info = method.student.feature_info, method.teacher.network.feature_info
     for connector, student_index, teacher_index in zip(method.connectors, [1, 2, len(student_info) - 1], [1, 2, 3]):
         in_chs, out_chs = student_info[student_index]["num_chs"], teacher_info[teacher_index]["num_chs"]
         if in_chs == out_chs:
@@ -146,56 +146,46 @@ def test_noisy_validation_is_the_same_every_epoch() -> None:
     assert pixel_difference(first, clean).std().item() == pytest.approx(0.1, rel=0.05)
 
 
-class Wrapper(nn.Module):
-    """Stands for DDP / torch.compile: holds the network as ``module`` and forwards to it."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-        self.calls = 0
-
-    def forward(self, inputs: torch.Tensor) -> object:
-        self.calls += 1
-        return self.module(inputs)
-
-
 @pytest.mark.parametrize("name", ["cifar_wrn_16_1", "test_efficientnet", "test_vit"])
-def test_logits_and_features_go_through_the_wrapper(name: str) -> None:
+def test_logits_and_features_come_from_one_forward(name: str) -> None:
     model = create_model(name, num_classes=10, input_size=INPUT_SIZE).eval()
-    wrapper = Wrapper(model)
     inputs = torch.randn(2, *INPUT_SIZE)
     with torch.no_grad():
-        logits, features = logits_and_features(wrapper, inputs, [2, 1])
+        logits, features = logits_and_features(model, inputs, [2, 1])
         expected = model.forward_intermediates(inputs, indices=[1, 2], intermediates_only=True)
-        assert wrapper.calls == 1 and "forward" not in vars(model)  # the swap is undone
         assert torch.allclose(logits, model(inputs), atol=1e-6)
         assert all(torch.equal(feature, reference) for feature, reference in zip(features, expected))
 
 
-def test_logits_and_features_under_torch_compile_do_not_recompile() -> None:
-    model = create_model("cifar_resnet8", num_classes=10, input_size=INPUT_SIZE).eval()
-    compiled = torch.compile(model, backend="eager")  # dynamo's guards, without inductor's compile time
-    inputs = torch.randn(2, *INPUT_SIZE)
-    with torch.no_grad():
-        logits_and_features(compiled, inputs, [1, 3])  # compiles the feature forward once
-        compiled(inputs)  # and the plain forward once
-        with torch._dynamo.config.patch(error_on_recompile=True):  # the swap must not invalidate a guard
-            for _ in range(2):
-                logits, features = logits_and_features(compiled, inputs, [1, 3])
-                assert torch.allclose(compiled(inputs), logits, atol=1e-6)
-    assert [feature.shape[1] for feature in features] == [16, 64]
+def connector_method() -> FeatureMimic:
+    """Different widths on both sides (cifar_resnet8 vs test_efficientnet): real 1x1-conv connectors."""
+    return build("cifar_resnet8", "test_efficientnet", layers=[1, 2], teacher_layers=[1, 2], kd_weight=0.5)
 
 
-def test_logits_and_features_run_the_ddp_forward(tmp_path: Path) -> None:
+def test_the_task_under_torch_compile_does_not_recompile() -> None:
+    task = TrainableTask(connector_method())
+    compiled = torch.compile(task, backend="eager")  # dynamo's guards, without inductor's compile time
+    batch = augmented_batch()
+    compiled(batch)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            output = compiled(batch)
+            sum(output.losses.values()).backward()
+    assert set(output.losses) == {"ce", "mimic1", "mimic2", "kd"}
+    assert all(parameter.grad is not None for parameter in task.extras.parameters())
+
+
+def test_one_ddp_wrapper_syncs_student_and_connectors(tmp_path: Path) -> None:
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
-        model = create_model("cifar_resnet8", num_classes=10, input_size=INPUT_SIZE)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        calls = []
-        ddp.register_forward_pre_hook(lambda module, args: calls.append(1))
-        logits, features = logits_and_features(ddp, torch.randn(4, *INPUT_SIZE), [1, 3])
-        (logits.sum() + sum(feature.sum() for feature in features)).backward()  # DDP's reducer expects this backward
-        assert calls == [1] and len(features) == 2 and model.conv1.weight.grad is not None
+        task = TrainableTask(connector_method())
+        ddp = nn.parallel.DistributedDataParallel(task)  # every parameter is used inside its forward
+        for _ in range(2):  # a second step fails if the reducer did not see every gradient of the first
+            task.zero_grad()
+            output = ddp(augmented_batch())
+            sum(output.losses.values()).backward()
+        connectors = list(task.extras.parameters())
+        assert connectors and all(parameter.grad is not None for parameter in [*connectors, *task.student.parameters()])
     finally:
         dist.destroy_process_group()
 

@@ -28,13 +28,13 @@ from conftest import TINY, run_cli
 from kdcli.checkpoint import CHECKPOINT_FORMAT, STATE_FORMAT, load_state, load_tensors, save_tensors
 from kdcli.config import load_resolved_config
 from kdcli.data.bundle import DataBundle
-from kdcli.engine import Trainer, method_context, prepare_student, setup_runtime
+from kdcli.engine import Trainer
 from kdcli.errors import KdcliError
-from kdcli.jobs.common import check_fits, checkpoint_data_config, load_data, model_from_checkpoint, training_data
-from kdcli.jobs.train import resolve_config
+from kdcli.jobs.build import build_training, resolve_run
+from kdcli.jobs.common import check_fits, checkpoint_data_config, load_data, model_from_checkpoint
 from kdcli.method import Batch
-from kdcli.models import create_model
 from kdcli.rundir import RunDir
+from kdcli.runtime import setup_runtime
 
 CASES = {"checkpoint-bytes": 250, "checkpoint-structure": 150, "state-bytes": 100, "state-structure": 150}
 SECONDS_PER_CASE = 10
@@ -57,14 +57,10 @@ def bundle(source_run: Path) -> DataBundle:
 @pytest.fixture(scope="module")
 def trainer(source_run: Path) -> Trainer:
     """A trainer built from the source run's config, as ``--resume`` builds it, to restore states into."""
-    config, method_cls, params = resolve_config(load_resolved_config(source_run / "config.json"))
-    bundle = load_data(config.data)
-    runtime = setup_runtime(config.train)
-    data = training_data(bundle, config.data)
-    student = create_model(config.model.name, num_classes=bundle.num_classes, input_size=bundle.input_size)
-    context = method_context(config, data, runtime, bundle.num_classes)
-    method = method_cls(params, student=prepare_student(student, runtime, config.train), teacher=None, context=context)
-    return Trainer(method, data, config, runtime, RunDir(source_run), checkpoint_template=None, show_progress=False)
+    spec = resolve_run(load_resolved_config(source_run / "config.json"))
+    bundle = load_data(spec.config.data)
+    runtime = setup_runtime(spec.config.train)
+    return build_training(spec, bundle, None, runtime, RunDir(source_run), show_progress=False).trainer
 
 
 @contextmanager

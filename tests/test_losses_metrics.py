@@ -10,7 +10,7 @@ import torch
 from kdcli.losses import distillation_kl, soft_cross_entropy
 from kdcli.metrics import brier_score, classification_report, distance_to_true_distribution, expected_calibration_error, topk_accuracy
 from kdcli_plugins.kd import HintonKD, KDParams
-from kdcli.method import Batch, MethodContext
+from kdcli.method import Batch, FrozenTeacher, MethodContext
 
 
 def kl_by_hand(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> float:
@@ -42,7 +42,7 @@ def test_soft_cross_entropy_equals_hard_cross_entropy_on_one_hot() -> None:
 def test_kd_method_step_combines_weighted_terms() -> None:
     student, teacher = torch.nn.Linear(3, 4), torch.nn.Linear(3, 4).eval()
     context = MethodContext(num_classes=4, num_train=8, epochs=1, steps_per_epoch=1, device=torch.device("cpu"), mean=(0.0,), std=(1.0,))
-    method = HintonKD(KDParams(temperature=2.0, ce_weight=0.5, kd_weight=0.5), student=student, teacher=teacher, context=context)
+    method = HintonKD(KDParams(temperature=2.0, ce_weight=0.5, kd_weight=0.5), student=student, teacher=FrozenTeacher(teacher), context=context)
     batch = Batch(torch.randn(8, 3), torch.randint(0, 4, (8,)), torch.arange(8))
     output = method.training_step(batch)
     with torch.no_grad():

@@ -124,8 +124,12 @@ INCOMPATIBLE = '''
 from kdcli.method import Method
 
 class FromTheFuture(Method):
-    api_version = "2.0"
+    api_version = "3.0"
     summary = "built for an API kdcli does not provide"
+
+class FromThePast(Method):
+    api_version = "1.0"
+    summary = "built for plugin API 1: teacher_logits(inputs), a teacher module"
 
 class WrongRoles(Method):
     roles = frozenset({"distill", "fly"})
@@ -135,14 +139,18 @@ NotAMethod = object
 
 
 def test_incompatible_plugins_are_reported(distributions: Distributions, teacher_run: Path, tmp_path: Path) -> None:
-    targets = {"future": "FromTheFuture", "flying": "WrongRoles", "plain": "NotAMethod"}
+    targets = {"future": "FromTheFuture", "past": "FromThePast", "flying": "WrongRoles", "plain": "NotAMethod"}
     distributions.add("kdcli-odd", {"kdcli.methods": {name: f"kdcli_odd_methods:{cls}" for name, cls in targets.items()}},
                       {"kdcli_odd_methods": INCOMPATIBLE})
     methods = listed_methods()
-    assert "targets plugin API 2.0, this kdcli provides 1.0; upgrade kdcli" in methods["future"]["error"]
+    assert "targets plugin API 3.0, this kdcli provides 2.0; upgrade kdcli" in methods["future"]["error"]
+    assert "targets plugin API 1.0, this kdcli provides 2.0; upgrade the plugin" in methods["past"]["error"]
+    assert "\n" not in methods["past"]["error"]
     assert "roles must be" in methods["flying"]["error"] and "not a kdcli.method.Method subclass" in methods["plain"]["error"]
     result = run_cli("distill", "--method", "future", "--teacher", teacher_run / "last.safetensors", "--out", tmp_path / "s")
-    assert_clean_error(result, 1, "method 'future' from kdcli-odd targets plugin API 2.0")
+    assert_clean_error(result, 1, "method 'future' from kdcli-odd targets plugin API 3.0")
+    result = run_cli("distill", "--method", "past", "--teacher", teacher_run / "last.safetensors", "--out", tmp_path / "s")
+    assert_clean_error(result, 1, "method 'past' from kdcli-odd targets plugin API 1.0, this kdcli provides 2.0")
 
 
 @pytest.mark.parametrize(
@@ -176,7 +184,7 @@ def test_duplicate_names_name_both_distributions(distributions: Distributions, t
 # -- the house rule: plugins import only the plugin API -------------------------------
 
 PLUGIN_SOURCES = sorted((ROOT / "plugins").glob("*.py")) + sorted((EXAMPLE / "src" / "kdcli_dkd").glob("*.py"))
-ALLOWED_KDCLI_MODULES = {"kdcli.method", "kdcli.losses"}
+ALLOWED_KDCLI_MODULES = {"kdcli.method", "kdcli.losses", "kdcli.noise"}
 
 
 @pytest.mark.parametrize("source", PLUGIN_SOURCES, ids=lambda path: f"{path.parent.name}/{path.name}")

@@ -15,7 +15,7 @@ from torch import nn
 from conftest import TINY, run_cli
 from kdcli.checkpoint import load_state
 from kdcli.config import build_config
-from kdcli.jobs.train import resolve_config
+from kdcli.jobs.build import resolve_run
 from kdcli.method import Batch, MethodContext, MethodError
 from kdcli_plugins.soteacher import LipschitzLayers, SoTeacher, SoTeacherParams, consistency_weight
 from test_resume import interrupt_at
@@ -201,7 +201,8 @@ EXAMPLES = sorted((Path(__file__).parents[1] / "examples" / "cifar100").glob("*.
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.name)
 def test_cifar100_example_configs_hold_the_paper_recipe(path: Path) -> None:
     flags = {"job": "distill", "teacher": "teacher.safetensors"} if path.name.startswith("student_") else {"job": "teach"}
-    config, _, params = resolve_config(build_config(file=path, flags=flags))
+    spec = resolve_run(build_config(file=path, flags=flags))
+    config, params = spec.config, spec.params
     assert (config.data.name, config.data.val_split, config.train.epochs, config.train.batch_size) == ("cifar100", 0.0, 240, 64)
     assert (config.optim.lr, config.optim.weight_decay, config.schedule.milestones) == (0.05, 5e-4, [150, 180, 210])
     if config.method.name == "soteacher":

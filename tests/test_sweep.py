@@ -66,9 +66,9 @@ def test_interrupted_sweep_continues_without_redoing_finished_entries(
     finished_at = first_entry.stat().st_mtime_ns
 
     calls: list[dict] = []
-    run_training = sweep_job.run_training
+    train = sweep_job.train
     with monkeypatch.context() as patch:
-        patch.setattr(sweep_job, "run_training", lambda config, out, **kw: calls.append(kw) or run_training(config, out, **kw))
+        patch.setattr(sweep_job, "train", lambda spec, out, **kw: calls.append(kw) or train(spec, out, **kw))
         patch.setitem(sys.modules, "matplotlib.figure", None)  # no plot extra: everything else is still written
         finished = run_cli(*sweep)
     assert finished.exit_code == 0, finished

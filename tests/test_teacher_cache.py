@@ -1,4 +1,7 @@
-"""--cache-teacher: stored teacher logits equal recomputed ones, across epochs and runs, and only logits are served."""
+"""--cache-teacher: stored teacher logits equal recomputed ones, across epochs and runs, and only logits are served.
+
+The cache is a teacher source: a method asks it per batch, and only training batches (which name their epoch) are served from the table.
+"""
 
 from __future__ import annotations
 
@@ -46,16 +49,15 @@ def new_cache(teacher: nn.Module, teacher_path: Path, *, per_epoch: bool) -> Cac
 
 
 def train_epoch(cache: CachedTeacher, images: torch.Tensor, augment: BatchAugment, epoch: int, batch_size: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, int]]:
-    """What the engine does around the method's teacher calls; returns (inputs, served logits) per batch."""
-    cache.start_epoch(epoch)
+    """What the engine and a method do with the teacher source; returns (inputs, served logits) per batch."""
+    cache.on_epoch_start(epoch)
     views = EpochAugmentation(augment, NUM_SAMPLES, seed=epoch, device=torch.device("cpu"))
     order = torch.randperm(NUM_SAMPLES, generator=torch.Generator().manual_seed(batch_size + epoch))
     served = []
     for index in order.split(batch_size):
-        batch = Batch(views(images[index], index), torch.zeros(len(index), dtype=torch.int64), index)
-        with cache.serving(batch):
-            served.append((batch.inputs, cache(batch.inputs)))
-    return served, cache.finish_epoch()
+        batch = Batch(views(images[index], index), torch.zeros(len(index), dtype=torch.int64), index, epoch)
+        served.append((batch.inputs, cache.logits(batch)))
+    return served, cache.on_epoch_end(epoch)
 
 
 def assert_equals_recomputed(teacher: nn.Module, served: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -94,32 +96,28 @@ def test_one_table_without_augmentation(images: torch.Tensor, teacher_path: Path
     assert_equals_recomputed(teacher, served)
 
 
-def test_calls_on_other_inputs_run_the_real_teacher(images: torch.Tensor, teacher_path: Path) -> None:
+def test_batches_that_are_not_training_views_run_the_real_teacher(images: torch.Tensor, teacher_path: Path) -> None:
     teacher = small_teacher()
     cache = new_cache(teacher, teacher_path, per_epoch=False)
     train_epoch(cache, images, NO_RANDOMNESS, 1, batch_size=NUM_SAMPLES)  # fills the table
-    cache.start_epoch(2)
+    cache.on_epoch_start(2)
     index = torch.arange(10)
-    batch = Batch(NO_RANDOMNESS(images[index]), torch.zeros(10, dtype=torch.int64), index)
-    with torch.no_grad(), cache.serving(batch):
-        noisy = batch.inputs + 0.5
-        torch.testing.assert_close(cache(noisy), teacher(noisy))  # a method's own view of the batch
-        torch.testing.assert_close(cache(batch.inputs), teacher(batch.inputs), rtol=1e-5, atol=1e-6)  # from the table
-        batch.inputs.mul_(0.5)  # changed in place: no longer the inputs the table holds logits of
-        torch.testing.assert_close(cache(batch.inputs), teacher(batch.inputs))
-    torch.testing.assert_close(cache(batch.inputs), teacher(batch.inputs))  # outside a training step
-    assert cache.finish_epoch() == {"hits": 10, "computed": 0}  # only the unchanged batch.inputs call was served
+    batch = Batch(NO_RANDOMNESS(images[index]), torch.zeros(10, dtype=torch.int64), index, epoch=2)
+    with torch.no_grad():
+        noisy = Batch(batch.inputs + 0.5, batch.targets, index)  # a method's own view of the batch
+        torch.testing.assert_close(cache.logits(noisy), teacher(noisy.inputs))
+        torch.testing.assert_close(cache.logits(batch), teacher(batch.inputs), rtol=1e-5, atol=1e-6)  # from the table
+        split_pass = Batch(batch.inputs, batch.targets, index)  # a method's pass over a split: no epoch
+        torch.testing.assert_close(cache.logits(split_pass), teacher(batch.inputs))
+    assert cache.on_epoch_end(2) == {"hits": 10, "computed": 0}  # only the training batch was served
 
 
 def test_more_than_logits_is_a_clear_error(teacher_path: Path) -> None:
     cache = new_cache(small_teacher(), teacher_path, per_epoch=False)
-    with pytest.raises(TeacherCacheError, match="teacher.forward_intermediates.*without --cache-teacher"):
-        cache.forward_intermediates
-    assert not hasattr(cache, "num_features")
-    assert list(cache.modules()) == [cache]  # the real teacher's layers cannot be hooked
-    with pytest.raises(TeacherCacheError, match="training mode"):
-        cache.train()
-    cache.eval()
+    inputs = torch.zeros(2, 3, 8, 8)
+    for ask in (lambda: cache.features(inputs, [0]), lambda: cache.logits_and_features(inputs, [0]), lambda: cache.feature_shapes((3, 8, 8))):
+        with pytest.raises(TeacherCacheError, match="reads the teacher's features.*keeps only the teacher's logits"):
+            ask()
 
 
 def test_key_changes_with_what_the_logits_depend_on(images: torch.Tensor, teacher_path: Path) -> None:

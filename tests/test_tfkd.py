@@ -14,10 +14,10 @@ from torchvision.transforms.v2 import functional as TF
 from conftest import TINY, run_cli
 from kdcli.config import ScheduleConfig, build_config
 from kdcli.data.augment import rotate
-from kdcli.engine import lr_factor
+from kdcli.optim import lr_factor
 from kdcli.jobs.teacher_relation import TeacherRelation
-from kdcli.jobs.train import resolve_config
-from kdcli.method import Batch, MethodContext
+from kdcli.jobs.build import resolve_run
+from kdcli.method import Batch, FrozenTeacher, MethodContext
 from kdcli_plugins.tfkd_self import TfKDSelf, TfKDSelfParams
 from kdcli_plugins.tfkd_virtual import TfKDVirtual, TfKDVirtualParams, virtual_teacher_targets
 
@@ -65,7 +65,7 @@ def kl_by_hand(target: Tensor, student_probs: Tensor, reduction: str) -> Tensor:
 def test_tfkd_self_loss_equals_hand_computation(reduction: str) -> None:
     params = TfKDSelfParams(alpha=0.7, temperature=3.0, multiplier=2.5, kl_reduction=reduction)
     student, teacher = linear(1), linear(2).eval()
-    method = TfKDSelf(params, student=student, teacher=teacher, context=context())
+    method = TfKDSelf(params, student=student, teacher=FrozenTeacher(teacher), context=context())
     data = batch()
     output = method.training_step(data)
 
@@ -261,7 +261,8 @@ def test_example_configs_hold_the_official_settings(model: str, variant: str) ->
     flags: dict[str, object] = {"job": "teach" if variant == "baseline" else "distill"}
     if variant == "self":
         flags["teacher"] = "teacher.safetensors"
-    config, _, params = resolve_config(build_config(file=path, flags=flags))
+    spec = resolve_run(build_config(file=path, flags=flags))
+    config, params = spec.config, spec.params
     assert config.data.name == "cifar100" and config.data.rotation == 15.0 and config.data.val_split == 0.0
     assert config.train.epochs == 200
     assert config.optim.lr == pytest.approx(0.1 * config.train.batch_size / 128)

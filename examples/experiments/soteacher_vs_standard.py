@@ -29,7 +29,8 @@ from typing import Any
 from kdcli.config import build_config, load_resolved_config, parse_override
 from kdcli.jobs.common import load_data
 from kdcli.jobs.evaluate import evaluate_checkpoint
-from kdcli.jobs.train import resolve_config, run_training
+from kdcli.jobs.build import resolve_run
+from kdcli.jobs.train import run_training
 
 # The variants compared; "--variant NAME=KEY=VALUE,..." adds more SoTeacher settings.
 BASE_VARIANTS: dict[str, dict[str, Any]] = {
@@ -77,7 +78,7 @@ def train(job: str, method: dict[str, Any], model: str, epochs: int, seed: int, 
     tree["train"]["epochs"] = epochs
     if teacher is not None:
         tree["teacher"] = str(teacher)
-    config, _, _ = resolve_config(build_config(defaults=tree))
+    config = resolve_run(build_config(defaults=tree)).config
     finished = out / "finished"
     if not (finished.is_file() and load_resolved_config(out / "config.json") == config):
         run_training(config, out, overwrite=True, show_progress=False, bundle=bundle)

@@ -39,6 +39,14 @@ def load_cifar(root: Path, *, num_classes: int, download: bool) -> DataBundle:
     )
 
 
+class DataSetMissing(KdcliError):
+    """A data set's files are missing or damaged; ``download_tried`` says whether downloading was on."""
+
+    def __init__(self, message: str, *, download_tried: bool) -> None:
+        super().__init__(message)
+        self.download_tried = download_tried
+
+
 def _cifar_split(
     dataset_class: type[datasets.CIFAR10], root: Path, *, train: bool, download: bool
 ) -> ImageSplit:
@@ -47,8 +55,7 @@ def _cifar_split(
         dataset = dataset_class(str(root), train=train, download=download)
     except RuntimeError as error:  # torchvision's "not found or corrupted" (md5 checks)
         folder = Path(root) / dataset_class.base_folder
-        hint = "delete it and download again" if download else "set data.download to fetch it"
-        raise KdcliError(f"{name} not found or corrupted in {folder}; {hint}") from error
+        raise DataSetMissing(f"{name} not found or corrupted in {folder}", download_tried=download) from error
     except OSError as error:  # network failures while downloading
         raise KdcliError(f"could not download {name} into {root}: {error}") from error
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW

@@ -59,6 +59,8 @@ def resolve_run(config: RunConfig) -> RunSpec:
         raise UsageError(f"method {name!r} needs a teacher{note}: pass --teacher CKPT.safetensors")
     if method_cls.teacher_use == "none" and config.teacher is not None:
         raise UsageError(f"method {name!r} uses no teacher network{note}; drop --teacher")
+    if config.train.cache_teacher and config.teacher is None:
+        raise UsageError("train.cache_teacher (--cache-teacher) caches a teacher's outputs; pass --teacher CKPT.safetensors")
     try:
         params = method_cls.Params.model_validate(config.method.params)
     except ValidationError as exc:

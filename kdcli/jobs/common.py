@@ -13,6 +13,7 @@ from kdcli.checkpoint import CheckpointInfo, load_checkpoint, tensors_mismatch
 from kdcli.config import DataConfig, format_validation_error
 from kdcli.data.augment import BatchAugment
 from kdcli.data.bundle import DataBundle, DataRequest, ImageSplit, split_train_val
+from kdcli.data.vision import DataSetMissing
 from kdcli.engine import TrainingData
 from kdcli.errors import KdcliError, UsageError, first_line, unknown_name
 from kdcli.models import create_model
@@ -26,7 +27,11 @@ def load_data(config: DataConfig) -> DataBundle:
         argument=argument or None, root=config.root, download=config.download, image_size=config.image_size,
         synthetic=config.synthetic.model_dump(),
     )
-    return get_dataset_builder(name)(request)
+    try:
+        return get_dataset_builder(name)(request)
+    except DataSetMissing as exc:
+        hint = "delete it and download again" if exc.download_tried else "pass --download to fetch it"
+        raise KdcliError(f"{exc}; {hint}") from None
 
 
 def training_data(bundle: DataBundle, config: DataConfig) -> TrainingData:

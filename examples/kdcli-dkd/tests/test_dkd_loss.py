@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcli.config import build_config
-from kdcli.jobs.train import resolve_config
+from kdcli.jobs.build import resolve_run
 from kdcli.losses import distillation_kl
-from kdcli.method import Batch, MethodContext
+from kdcli.method import Batch, FrozenTeacher, MethodContext
 from kdcli.registry import get_method
 from kdcli_dkd import DKD, DKDParams, decoupled_kd_terms, warmup_factor
 
@@ -102,14 +102,14 @@ def make_method(**params: float) -> DKD:
     context = MethodContext(
         num_classes=5, num_train=16, epochs=30, steps_per_epoch=2, device=torch.device("cpu"), mean=(0.5,), std=(0.25,)
     )
-    return DKD(DKDParams(**params), student=student, teacher=teacher, context=context)
+    return DKD(DKDParams(**params), student=student, teacher=FrozenTeacher(teacher), context=context)
 
 
 def test_training_step_weights_each_term_and_warms_up() -> None:
     method = make_method(alpha=0.5, beta=2.0, ce_weight=0.7, warmup_epochs=10)
     batch = Batch(torch.randn(8, 6), torch.randint(5, (8,)), torch.arange(8))
     with torch.no_grad():
-        tckd, nckd = decoupled_kd_terms(method.student(batch.inputs), method.teacher(batch.inputs), batch.targets, 4.0)
+        tckd, nckd = decoupled_kd_terms(method.student(batch.inputs), method.teacher_logits(batch), batch.targets, 4.0)
         ce = F.cross_entropy(method.student(batch.inputs), batch.targets)
     for epoch, weight in ((1, 0.1), (4, 0.4), (12, 1.0)):
         method.on_epoch_start(epoch)
@@ -120,7 +120,7 @@ def test_training_step_weights_each_term_and_warms_up() -> None:
         assert output.losses["nckd"].item() == pytest.approx(weight * 2.0 * nckd.item(), rel=1e-5)
         assert method.on_epoch_end(epoch) == {"kd_weight": pytest.approx(weight)}
     output.losses["nckd"].backward()
-    assert method.student.weight.grad is not None and method.teacher.weight.grad is None
+    assert method.student.weight.grad is not None and method.teacher.network.weight.grad is None
 
 
 def test_defaults_are_the_papers() -> None:
@@ -137,7 +137,8 @@ def test_anchor_config_resolves_to_the_published_recipe() -> None:
     config = build_config(
         file=CONFIGS / "cifar100_resnet32x4_resnet8x4.toml", flags={"job": "distill", "teacher": "resnet32x4.safetensors"}
     )
-    resolved, method, params = resolve_config(config)
+    spec = resolve_run(config)
+    resolved, method, params = spec.config, spec.method, spec.params
     assert method is DKD and params == DKDParams()
     assert resolved.model.name == "cifar_resnet8x4" and resolved.data.name == "cifar100"
     assert (resolved.train.epochs, resolved.train.batch_size, resolved.optim.lr) == (240, 64, 0.05)
