@@ -29,6 +29,9 @@ from pydantic import (
 
 from kdcli.errors import UsageError
 
+# The method a job trains with when neither --method nor a config names one.
+DEFAULT_METHODS: dict[str, str] = {"teach": "standard", "distill": "kd"}
+
 
 class StrictModel(BaseModel):
     """Base for config sections: unknown keys are errors, not silently ignored."""

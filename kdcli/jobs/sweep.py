@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from kdcli.checkpoint import atomic_write_bytes, read_checkpoint_info
-from kdcli.config import RunConfig, build_config, load_resolved_config
+from kdcli.config import DEFAULT_METHODS, RunConfig, build_config, load_resolved_config
 from kdcli.data.bundle import DataBundle
 from kdcli.errors import KdcliError, UsageError
 from kdcli.jobs.common import load_data
 from kdcli.jobs.evaluate import evaluate_checkpoint
-from kdcli.jobs.train import DEFAULT_METHODS, TrainingSummary, resolve_config, run_training
+from kdcli.jobs.train import TrainingSummary, resolve_config, run_training
 from kdcli.registry import get_method
 from kdcli.rundir import RunDir
 

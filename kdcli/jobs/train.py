@@ -24,7 +24,6 @@ from kdcli.rundir import RunDir, existing_run_dir, prepare_run_dir
 from kdcli.teacher_cache import CachedTeacher, cache_key
 
 DEFAULT_MODELS = {"teach": "cifar_resnet20", "distill": "cifar_resnet8"}
-DEFAULT_METHODS = {"teach": "standard", "distill": "kd"}
 
 
 @dataclass
