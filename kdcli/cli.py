@@ -7,14 +7,16 @@ and an exit code (2: wrong invocation, 1: runtime failure, 130: interrupted).
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import shlex
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, get_type_hints
 
 import typer
 from rich.console import Console
@@ -127,58 +129,113 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JS
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-epoch lines.")]
 CacheTeacherOption = Annotated[bool, typer.Option("--cache-teacher", help="Compute the teacher's logits once and reuse them across epochs and runs (train.cache_teacher).")]
 
-# Flags that map onto config keys; None means "not given, keep the config's value".
-FLAG_KEYS: dict[str, tuple[str, ...]] = {
-    "model": ("model", "name"),
-    "data": ("data", "name"),
-    "data_root": ("data", "root"),
-    "val_split": ("data", "val_split"),
-    "epochs": ("train", "epochs"),
-    "batch_size": ("train", "batch_size"),
-    "lr": ("optim", "lr"),
-    "save_every": ("train", "save_every"),
-    "seed": ("train", "seed"),
-    "device": ("train", "device"),
-}
+
+def _sets(section: str, key: str, default: Any = None) -> Any:
+    """A TrainingFlags field whose flag, when given, sets the config key SECTION.KEY."""
+    return field(default=default, metadata={"config_key": (section, key)})
 
 
-def _flags_to_tree(values: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for name, path in FLAG_KEYS.items():
-        if values.get(name) is not None:
-            tree.setdefault(path[0], {})[path[1]] = values[name]
-    if values.get("download"):
-        tree.setdefault("data", {})["download"] = True
-    if values.get("cache_teacher"):
-        tree.setdefault("train", {})["cache_teacher"] = True
-    return tree
+def _with_resume(default: Any = None) -> Any:
+    """A TrainingFlags field for how a command runs, not what it trains: --resume accepts it."""
+    return field(default=default, metadata={"with_resume": True})
 
 
-def _train(job: str, method: str | None, teacher: Path | None, values: dict[str, Any]) -> None:
-    resume: Path | None = values["resume"]
-    show_progress = not values["quiet"]
-    if resume is not None:
-        given = [name for name in (*FLAG_KEYS, "config", "set", "out", "download", "overwrite", "cache_teacher") if values.get(name)]
-        given += ["method"] * (method is not None) + ["teacher"] * (teacher is not None)
+@dataclass(frozen=True)
+class TrainingFlags:
+    """The options teach and distill share (sweep-checkpoints some of them), declared once, in --help order.
+
+    A field's type is its Typer option; its default (None, False) means "not given". ``training_options``
+    makes them command parameters and hands the command this object instead.
+    """
+
+    model: ModelOption = _sets("model", "name")
+    data: DataOption = _sets("data", "name")
+    data_root: DataRootOption = _sets("data", "root")
+    download: DownloadOption = _sets("data", "download", False)
+    val_split: ValSplitOption = _sets("data", "val_split")
+    epochs: EpochsOption = _sets("train", "epochs")
+    batch_size: BatchSizeOption = _sets("train", "batch_size")
+    lr: LrOption = _sets("optim", "lr")
+    save_every: SaveEveryOption = _sets("train", "save_every")
+    seed: SeedOption = _sets("train", "seed")
+    device: DeviceOption = _sets("train", "device")
+    config: ConfigOption = None
+    set: SetOption = None
+    out: OutOption = None
+    resume: ResumeOption = _with_resume()
+    overwrite: OverwriteOption = False
+    cache_teacher: CacheTeacherOption = _sets("train", "cache_teacher", False)
+    json_output: JsonOption = _with_resume(False)
+    quiet: QuietOption = _with_resume(False)
+
+    def config_tree(self) -> dict[str, Any]:
+        """The config keys the given flags set, nested for ``build_config(flags=...)``."""
+        tree: dict[str, Any] = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if "config_key" in item.metadata and value is not None and value is not False:
+                section, key = item.metadata["config_key"]
+                tree.setdefault(section, {})[key] = value
+        return tree
+
+    def given_flags(self) -> list[str]:
+        """The given flags that --resume refuses, as typed (``--data-root``): options with a value, then switches."""
+        # Truthiness, as ever: an empty or zero value (--epochs 0) does not count as given here.
+        given = [item for item in fields(self) if not item.metadata.get("with_resume") and getattr(self, item.name)]
+        given.sort(key=lambda item: item.default is False)
+        return [f"--{item.name.replace('_', '-')}" for item in given]
+
+
+def training_options(*, without: tuple[str, ...] = ()) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Add TrainingFlags' options (less WITHOUT) after a command's own, and call it with them as ``flags``.
+
+    Typer reads a command's options from its signature, so the wrapper gets one: the command's
+    parameters but ``flags``, then one keyword parameter per field, typed with the field's option.
+    """
+    hints = get_type_hints(TrainingFlags, include_extras=True)
+    shared = [
+        inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY, default=item.default, annotation=hints[item.name])
+        for item in fields(TrainingFlags)
+        if item.name not in without
+    ]
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        own = [parameter for parameter in inspect.signature(command, eval_str=True).parameters.values() if parameter.name != "flags"]
+
+        @functools.wraps(command)
+        def wrapper(**values: Any) -> None:
+            flags = TrainingFlags(**{parameter.name: values.pop(parameter.name) for parameter in shared})
+            command(**values, flags=flags)
+
+        signature = inspect.Signature([*own, *shared], return_annotation=None)
+        wrapper.__signature__ = signature  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {parameter.name: parameter.annotation for parameter in signature.parameters.values()}
+        return wrapper
+
+    return decorate
+
+
+def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFlags) -> None:
+    show_progress = not flags.quiet
+    if flags.resume is not None:
+        given = flags.given_flags() + ["--method"] * (method is not None) + ["--teacher"] * (teacher is not None)
         if given:
-            flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
-            raise UsageError(f"--resume continues a run with its saved config; drop {flags}")
-        summary = run_training(build_config(), resume, resume=True, show_progress=show_progress, notify=_note)
+            raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+        summary = run_training(build_config(), flags.resume, resume=True, show_progress=show_progress, notify=_note)
     else:
-        flags = _flags_to_tree(values) | {"job": job}
+        tree = flags.config_tree() | {"job": job}
         if method is not None:
-            flags["method"] = {"name": method}
+            tree["method"] = {"name": method}
         if teacher is not None:
-            flags["teacher"] = str(teacher)
+            tree["teacher"] = str(teacher)
         config = build_config(
-            defaults={"method": {"name": DEFAULT_METHODS[job]}},
-            file=values["config"],
-            flags=flags,
-            overrides=values["set"],
+            file=flags.config,
+            flags=tree,
+            overrides=flags.set or [],
         )
-        out = values["out"] or _default_out(job, config.method.name)
-        summary = run_training(config, out, overwrite=values["overwrite"], show_progress=show_progress, notify=_note)
-    _print_summary(summary, as_json=values["json_output"])
+        out = flags.out or _default_out(job, config.method.name)
+        summary = run_training(config, out, overwrite=flags.overwrite, show_progress=show_progress, notify=_note)
+    _print_summary(summary, as_json=flags.json_output)
 
 
 def _default_out(job: str, method: str) -> Path:
@@ -214,62 +271,27 @@ def _print_summary(summary: TrainingSummary, *, as_json: bool) -> None:
 
 @app.command(epilog="Examples: kdcli teach  ·  kdcli teach --model cifar_resnet32x4 --data cifar100 --epochs 240 --set schedule.name=multistep --set schedule.milestones=[150,180,210]")
 @reports_errors
+@training_options(without=("cache_teacher",))
 def teach(
-    method: Annotated[Optional[str], typer.Option("--method", help="Teacher-training method (default standard; kdcli methods list).", show_default=False)] = None,
-    model: ModelOption = None,
-    data: DataOption = None,
-    data_root: DataRootOption = None,
-    download: DownloadOption = False,
-    val_split: ValSplitOption = None,
-    epochs: EpochsOption = None,
-    batch_size: BatchSizeOption = None,
-    lr: LrOption = None,
-    save_every: SaveEveryOption = None,
-    seed: SeedOption = None,
-    device: DeviceOption = None,
-    config: ConfigOption = None,
-    set_: SetOption = None,
-    out: OutOption = None,
-    resume: ResumeOption = None,
-    overwrite: OverwriteOption = False,
-    json_output: JsonOption = False,
-    quiet: QuietOption = False,
+    method: Annotated[Optional[str], typer.Option("--method", help=f"Teacher-training method (default {DEFAULT_METHODS['teach']}; kdcli methods list).", show_default=False)] = None,
+    *,
+    flags: TrainingFlags,
 ) -> None:
     """Train a teacher and save safetensors checkpoints every K epochs."""
-    values = dict(locals())
-    values["set"] = values.pop("set_") or []
-    _train("teach", values.pop("method"), None, values)
+    _train("teach", method, None, flags)
 
 
 @app.command(epilog="Examples: kdcli distill --teacher runs/t/last.safetensors  ·  kdcli distill --teacher t.safetensors --method kd --set method.temperature=4  ·  kdcli distill --teacher t.safetensors --cache-teacher")
 @reports_errors
+@training_options()
 def distill(
     teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Teacher checkpoint (.safetensors).", show_default=False)] = None,
-    method: Annotated[Optional[str], typer.Option("--method", help="Distillation method (default kd; kdcli methods list).", show_default=False)] = None,
-    model: ModelOption = None,
-    data: DataOption = None,
-    data_root: DataRootOption = None,
-    download: DownloadOption = False,
-    val_split: ValSplitOption = None,
-    epochs: EpochsOption = None,
-    batch_size: BatchSizeOption = None,
-    lr: LrOption = None,
-    save_every: SaveEveryOption = None,
-    seed: SeedOption = None,
-    device: DeviceOption = None,
-    config: ConfigOption = None,
-    set_: SetOption = None,
-    out: OutOption = None,
-    resume: ResumeOption = None,
-    overwrite: OverwriteOption = False,
-    cache_teacher: CacheTeacherOption = False,
-    json_output: JsonOption = False,
-    quiet: QuietOption = False,
+    method: Annotated[Optional[str], typer.Option("--method", help=f"Distillation method (default {DEFAULT_METHODS['distill']}; kdcli methods list).", show_default=False)] = None,
+    *,
+    flags: TrainingFlags,
 ) -> None:
     """Train a student from a teacher checkpoint with a distillation method."""
-    values = dict(locals())
-    values["set"] = values.pop("set_") or []
-    _train("distill", values.pop("method"), values.pop("teacher"), values)
+    _train("distill", method, teacher, flags)
 
 
 @app.command("eval", epilog="Examples: kdcli eval runs/t/last.safetensors  ·  kdcli eval s.safetensors --split val --json  ·  kdcli eval s.safetensors --noise-std 0.1")
@@ -369,7 +391,7 @@ def convert(
 @reports_errors
 def sweep_checkpoints(
     teacher_runs: Annotated[list[Path], typer.Argument(metavar="TEACHER_RUN_DIR", help="Teacher run directories (kdcli teach --out); several share one plot.", show_default=False)],
-    method: Annotated[Optional[str], typer.Option("--method", help="Distillation method (default kd).", show_default=False)] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help=f"Distillation method (default {DEFAULT_METHODS['distill']}).", show_default=False)] = None,
     model: ModelOption = None,
     data_root: DataRootOption = None,
     download: DownloadOption = False,
@@ -389,10 +411,13 @@ def sweep_checkpoints(
 ) -> None:
     """Distill a student from every saved teacher checkpoint with one recipe; tabulate and plot teacher vs student."""
     runs = find_teacher_runs(teacher_runs, every)
-    flags = _flags_to_tree(locals())
+    flags = TrainingFlags(
+        model=model, data_root=data_root, download=download, epochs=epochs, batch_size=batch_size, lr=lr, save_every=save_every, seed=seed, device=device,
+    )
+    tree = flags.config_tree()
     if method is not None:
-        flags["method"] = {"name": method}
-    recipe = build_recipe(runs, file=config, flags=flags, overrides=set_ or [])
+        tree["method"] = {"name": method}
+    recipe = build_recipe(runs, file=config, flags=tree, overrides=set_ or [])
     out = out or _default_out("sweep", recipe.config.method.name)
     if not quiet:
         count = sum(len(run.checkpoints) for run in runs)

@@ -29,7 +29,6 @@ from pydantic import (
 
 from kdcli.errors import UsageError
 
-
 # The method a job uses when none is named: the one place this default is written.
 DEFAULT_METHODS: dict[str, str] = {"teach": "standard", "distill": "kd"}
 

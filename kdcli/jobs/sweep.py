@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kdcli.checkpoint import atomic_write_bytes, read_checkpoint_info
-from kdcli.config import DEFAULT_METHODS, build_config, load_resolved_config
+from kdcli.config import build_config, load_resolved_config
 from kdcli.data.bundle import DataBundle
 from kdcli.errors import KdcliError, UsageError
 from kdcli.jobs.common import load_data
@@ -110,7 +110,7 @@ def build_recipe(runs: list[TeacherRun], *, file: Path | None, flags: dict[str, 
     ``train.save_every`` says otherwise: a sweep trains many of them.
     """
     data = teacher_data(runs)
-    defaults: dict[str, Any] = {"method": {"name": DEFAULT_METHODS["distill"]}, "data": data}
+    defaults: dict[str, Any] = {"data": data}
     flags = flags | {"job": "distill"}
     config = build_config(defaults=defaults, file=file, flags=flags, overrides=overrides)
     defaults["train"] = {"save_every": config.train.epochs}
