@@ -207,7 +207,7 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
     """Split ``a.b.c=VALUE``; VALUE is read as JSON when it parses, else as a string."""
     key, sep, raw = assignment.partition("=")
     if not sep or not key.strip():
-        raise UsageError(f"--set expects KEY=VALUE, got {assignment!r}")
+        raise UsageError(f"an override is KEY=VALUE, got {assignment!r}")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
@@ -220,7 +220,7 @@ def set_nested(tree: dict[str, Any], path: list[str], value: Any) -> None:
     for part in path[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UsageError(f"--set {'.'.join(path)}: {part} is a value, not a section")
+            raise UsageError(f"override {'.'.join(path)}: {part} is a value, not a section")
         node = child
     node[path[-1]] = value
 
