@@ -118,6 +118,11 @@ class TrainConfig(StrictModel):
     cache_teacher: bool = Field(
         False, description="Compute the teacher's logits once and reuse them (stored next to the teacher checkpoint)."
     )
+    cache_teacher_topk: PositiveInt | None = Field(
+        None,
+        description="Keep only each sample's k largest teacher logits and the remaining mass (tables for many classes); "
+        "None = every logit, exact.",
+    )
 
     @model_validator(mode="after")
     def _selection_needs_best(self) -> TrainConfig:

@@ -159,7 +159,7 @@ class Trainer:
             self.best = {"epoch": epoch, "val_top1": record["val_top1"]}
         self.history.append(record)
         self.save(epoch, record, improved=improved)
-        self.console.epoch_done(record, self.config.train.epochs)
+        self.console.epoch_done(record, self.config.train.epochs, list(self.observers))
         if self.stop.received is not None:
             self._stopped(f"epoch {epoch} is complete and saved ({self.run_dir.last_path}, {self.run_dir.resume_path.name})")
         patience = self.config.train.early_stop_patience

@@ -24,7 +24,7 @@ from kdcli.rundir import RunDir
 from kdcli.runtime import Runtime
 from kdcli.step import Batch
 from kdcli.teacher import FrozenTeacher
-from kdcli.teacher_cache import CachedTeacher, cache_key
+from kdcli.teacher_cache import CachedTeacher, FullLogits, TopKLogits, cache_key
 
 DEFAULT_MODELS = {"teach": "cifar_resnet20", "distill": "cifar_resnet8"}
 
@@ -59,6 +59,8 @@ def resolve_run(config: RunConfig) -> RunSpec:
         raise UsageError(f"method {name!r} needs a teacher{note}: pass --teacher CKPT.safetensors")
     if method_cls.teacher_use == "none" and config.teacher is not None:
         raise UsageError(f"method {name!r} uses no teacher network{note}; drop --teacher")
+    if config.train.cache_teacher_topk is not None and not config.train.cache_teacher:
+        raise UsageError("train.cache_teacher_topk sets what the teacher cache keeps; add --cache-teacher")
     if config.train.cache_teacher and config.teacher is None:
         raise UsageError("train.cache_teacher (--cache-teacher) caches a teacher's outputs; pass --teacher CKPT.safetensors")
     try:
@@ -117,13 +119,15 @@ def teacher_source(network: nn.Module, config: RunConfig, data: TrainingData, ru
     if not config.train.cache_teacher:
         return FrozenTeacher(network)
     assert config.teacher is not None  # RunConfig refuses a cache without a teacher
-    key = cache_key(config.teacher, data.train, data.augment, seed=config.train.seed, precision=str(runtime.autocast_dtype))
+    topk = config.train.cache_teacher_topk
+    key = cache_key(config.teacher, data.train, data.augment, seed=config.train.seed, precision=str(runtime.autocast_dtype), topk=topk)
     return CachedTeacher(
         network,
         teacher_path=config.teacher,
         key=key,
         num_samples=len(data.train),
         per_epoch=data.augment.is_random,
+        codec=FullLogits() if topk is None else TopKLogits(topk),
         all_reduce_sum=runtime.all_reduce_sum,
         writes=runtime.is_main,
     )
