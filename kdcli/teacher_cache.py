@@ -46,7 +46,7 @@ from kdcli.data.augment import BatchAugment
 from kdcli.data.bundle import ImageSplit
 from kdcli.errors import KdcliError, UsageError
 from kdcli.step import Batch
-from kdcli.teacher import FrozenTeacher
+from kdcli.teacher import FrozenTeacher, Renormalization
 
 # Bump when the meaning or layout of a stored table changes (how augmentation is drawn or seeded; 2: columns).
 CACHE_FORMAT = 2
@@ -172,10 +172,11 @@ class CachedTeacher(FrozenTeacher):
         num_samples: int,
         per_epoch: bool,
         codec: LogitCodec | None = None,
+        renormalize: Renormalization | None = None,
         all_reduce_sum: Callable[[Tensor], Tensor] = lambda tensor: tensor,
         writes: bool = True,
     ) -> None:
-        super().__init__(network)
+        super().__init__(network, renormalize)
         if writes:
             check_writable(teacher_path)
         self.teacher_path = teacher_path
@@ -250,7 +251,7 @@ class CachedTeacher(FrozenTeacher):
 
     @torch.no_grad()
     def _run_teacher(self, inputs: Tensor) -> Tensor:
-        return self.network(inputs)
+        return self.network(self.own_inputs(inputs))
 
     def _lookup(self, index: Tensor, inputs: Tensor) -> Tensor:
         if not self._complete:

@@ -23,7 +23,7 @@ from kdcli.registry import get_method
 from kdcli.rundir import RunDir
 from kdcli.runtime import Runtime
 from kdcli.step import Batch
-from kdcli.teacher import FrozenTeacher
+from kdcli.teacher import FrozenTeacher, Normalization, Renormalization
 from kdcli.teacher_cache import CachedTeacher, FullLogits, TopKLogits, cache_key
 
 DEFAULT_MODELS = {"teach": "cifar_resnet20", "distill": "cifar_resnet8"}
@@ -113,11 +113,16 @@ def method_context(config: RunConfig, data: TrainingData, runtime: Runtime, num_
     )
 
 
-def teacher_source(network: nn.Module, config: RunConfig, data: TrainingData, runtime: Runtime) -> FrozenTeacher:
-    """The frozen teacher on the training device; behind a table of its logits with ``train.cache_teacher``."""
+def teacher_source(
+    network: nn.Module, config: RunConfig, data: TrainingData, runtime: Runtime, normalization: Normalization | None = None
+) -> FrozenTeacher:
+    """The frozen teacher on the training device, fed in its own ``normalization`` (None: the data set's);
+    behind a table of its logits with ``train.cache_teacher``."""
     network = runtime.place(network, config.train)
+    own = normalization is not None and tuple(map(tuple, normalization)) != (tuple(data.mean), tuple(data.std))
+    renormalize = Renormalization((data.mean, data.std), normalization) if own else None
     if not config.train.cache_teacher:
-        return FrozenTeacher(network)
+        return FrozenTeacher(network, renormalize)
     assert config.teacher is not None  # RunConfig refuses a cache without a teacher
     topk = config.train.cache_teacher_topk
     key = cache_key(config.teacher, data.train, data.augment, seed=config.train.seed, precision=str(runtime.autocast_dtype), topk=topk)
@@ -128,6 +133,7 @@ def teacher_source(network: nn.Module, config: RunConfig, data: TrainingData, ru
         num_samples=len(data.train),
         per_epoch=data.augment.is_random,
         codec=FullLogits() if topk is None else TopKLogits(topk),
+        renormalize=renormalize,
         all_reduce_sum=runtime.all_reduce_sum,
         writes=runtime.is_main,
     )
@@ -159,14 +165,24 @@ class TrainingParts:
 
 
 def build_training(
-    spec: RunSpec, bundle: DataBundle, teacher: nn.Module | None, runtime: Runtime, run_dir: RunDir, *, show_progress: bool
+    spec: RunSpec,
+    bundle: DataBundle,
+    teacher: nn.Module | None,
+    runtime: Runtime,
+    run_dir: RunDir,
+    *,
+    show_progress: bool,
+    teacher_normalization: Normalization | None = None,
 ) -> TrainingParts:
-    """Student, teacher source, method and trainer; the student draws its initialization from the run's seed."""
+    """Student, teacher source, method and trainer; the student draws its initialization from the run's seed.
+
+    ``teacher_normalization``: the (mean, std) the teacher was trained with (None: the data set's).
+    """
     config = spec.config
     torch.manual_seed(config.train.seed)
     student = runtime.place(new_model(spec.model_name, num_classes=bundle.num_classes, input_size=bundle.input_size), config.train)
     data = training_data(bundle, config.data)
-    source = None if teacher is None else teacher_source(teacher, config, data, runtime)
+    source = None if teacher is None else teacher_source(teacher, config, data, runtime, teacher_normalization)
     method = spec.method(spec.params, student=student, teacher=source, context=method_context(config, data, runtime, bundle.num_classes))
     observers: dict[str, EpochObserver] = {"teacher_cache": source} if isinstance(source, CachedTeacher) else {}
     trainer = Trainer(
