@@ -17,7 +17,7 @@ from kdcli.data.bundle import DataBundle
 from kdcli.data.loader import BatchLoader
 from kdcli.engine import EpochObserver, Trainer, TrainingData, training_loader
 from kdcli.errors import UsageError
-from kdcli.jobs.common import new_model, training_data
+from kdcli.jobs.common import TIMM_PREFIX, is_timm_teacher, new_model, training_data
 from kdcli.method import Method, MethodContext, MethodParams
 from kdcli.registry import get_method
 from kdcli.rundir import RunDir
@@ -63,6 +63,11 @@ def resolve_run(config: RunConfig) -> RunSpec:
         raise UsageError("train.cache_teacher_topk sets what the teacher cache keeps; add --cache-teacher")
     if config.train.cache_teacher and config.teacher is None:
         raise UsageError("train.cache_teacher (--cache-teacher) caches a teacher's outputs; pass --teacher CKPT.safetensors")
+    if config.train.cache_teacher and is_timm_teacher(config.teacher):
+        raise UsageError(
+            "--cache-teacher keeps its tables beside the teacher's checkpoint file, and a timm:NAME teacher has none: "
+            "drop --cache-teacher"
+        )
     try:
         params = method_cls.Params.model_validate(config.method.params)
     except ValidationError as exc:
@@ -79,7 +84,12 @@ def resolve_run(config: RunConfig) -> RunSpec:
 
 def _default_model(config: RunConfig, method_cls: type[Method]) -> str:
     """The student when none is named: the method's choice, else the job's default."""
-    teacher_arch = read_checkpoint_info(config.teacher).arch if config.teacher is not None else None
+    if config.teacher is None:
+        teacher_arch = None
+    elif is_timm_teacher(config.teacher):
+        teacher_arch = str(config.teacher).removeprefix(TIMM_PREFIX)
+    else:
+        teacher_arch = read_checkpoint_info(config.teacher).arch
     return method_cls.default_model(teacher_arch=teacher_arch) or DEFAULT_MODELS[config.job]
 
 

@@ -14,7 +14,7 @@ from kdcli.config import RunConfig, load_resolved_config
 from kdcli.data.bundle import DataBundle, ImageSplit
 from kdcli.inference import predict
 from kdcli.jobs.build import RunSpec, TrainingParts, build_training, resolve_run
-from kdcli.jobs.common import check_fits, load_data, model_from_checkpoint, require_model
+from kdcli.jobs.common import check_fits, is_timm_teacher, load_data, load_teacher, require_model
 from kdcli.jobs.teacher_relation import TeacherRelation
 from kdcli.metrics import classification_report, topk_accuracy
 from kdcli.errors import UsageError
@@ -128,8 +128,8 @@ def train(
     bundle = bundle if bundle is not None else load_data(config.data)
     teacher, teacher_info = None, None
     if config.teacher is not None:
-        teacher, teacher_info = model_from_checkpoint(config.teacher)
-        check_fits(teacher_info, bundle, config.teacher)
+        teacher, teacher_info = load_teacher(config.teacher)
+        check_fits(teacher_info, bundle, config.teacher, any_image_size=is_timm_teacher(config.teacher))
     with runtime_for(config.train) as runtime:
         run_dir = _open_run_dir(out, config, runtime, resume=resume, overwrite=overwrite)
         normalization = None if teacher_info is None else (teacher_info.mean, teacher_info.std)
