@@ -9,7 +9,6 @@ state, the guards (non-finite losses, stop signals) and the console.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,9 +20,8 @@ from torch import nn
 
 from kdcli.checkpoint import CheckpointInfo, WriteFailed, load_state, read_state_label, save_checkpoint, save_state
 from kdcli.config import RunConfig, TrainConfig
-from kdcli.data.augment import BatchAugment, EpochAugmentation, normalize
-from kdcli.data.bundle import ImageSplit
-from kdcli.data.loader import BatchLoader
+from kdcli.data.augment import normalize
+from kdcli.data.loading import Augment, EpochBatches, Split, split_loader, training_epochs
 from kdcli.errors import KdcliError, ResumeHint
 from kdcli.guards import FiniteWatch, NonFiniteLoss, StopSignals, finite_flags, nonfinite_message
 from kdcli.method import Method
@@ -32,7 +30,7 @@ from kdcli.progress import PROGRESS_REFRESH_STEPS, TrainingConsole
 from kdcli.resume import NO_BEST, ResumeState
 from kdcli.rundir import RunDir
 from kdcli.runtime import Runtime
-from kdcli.seeds import augmentation_seed, epoch_seed
+from kdcli.seeds import epoch_seed
 from kdcli.step import Batch, StepOutput
 from kdcli.tally import EpochTally
 from kdcli.task import TrainableTask
@@ -40,13 +38,14 @@ from kdcli.task import TrainableTask
 
 @dataclass
 class TrainingData:
-    """The splits the engine iterates and how training batches are augmented."""
+    """The splits the engine iterates (in memory or streamed) and how training batches are augmented."""
 
-    train: ImageSplit
-    val: ImageSplit | None
-    augment: BatchAugment
+    train: Split
+    val: Split | None
+    augment: Augment
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    input_size: tuple[int, int, int]
 
 
 class EpochObserver(Protocol):
@@ -57,10 +56,10 @@ class EpochObserver(Protocol):
     def on_epoch_end(self, epoch: int) -> dict[str, Any]: ...
 
 
-def training_loader(split: ImageSplit, train: TrainConfig, runtime: Runtime) -> BatchLoader:
-    """This process's shard of every epoch, in the seeded order of ``train.seed``."""
-    return BatchLoader(
-        split, batch_size=runtime.per_rank_batch_size(train.batch_size), shuffle=True, device=runtime.device,
+def training_loader(data: TrainingData, train: TrainConfig, runtime: Runtime) -> EpochBatches:
+    """This process's shard of every epoch, in the seeded order of ``train.seed``, augmented."""
+    return training_epochs(
+        data.train, data.augment, batch_size=runtime.per_rank_batch_size(train.batch_size), device=runtime.device,
         seed=train.seed, num_replicas=runtime.world_size, rank=runtime.rank,
     )
 
@@ -90,8 +89,8 @@ class Trainer:
         self.model = runtime.wrap(self.task, config.train)  # the one wrapped module whose forward is a step
         self.parameters = list(self.task.parameters())
         train = config.train
-        self.train_loader = training_loader(data.train, train, runtime)
-        self.val_loader = None if data.val is None else BatchLoader(
+        self.train_loader = training_loader(data, train, runtime)
+        self.val_loader = None if data.val is None else split_loader(
             data.val, batch_size=train.eval_batch_size, shuffle=False, device=runtime.device,
             num_replicas=runtime.world_size, rank=runtime.rank,
         )
@@ -170,16 +169,12 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         tally = self._start_epoch(epoch)
-        augmentation = EpochAugmentation(
-            self.data.augment, len(self.data.train), augmentation_seed(self.config.train.seed, epoch), self.runtime.device
-        )
         steps = len(self.train_loader)
         started = time.perf_counter()
         with self.console.epoch_bar(epoch, self.config.train.epochs, steps, tally.step) as bar:
-            for images, targets, index in itertools.islice(self.train_loader, tally.step, None):
+            for inputs, targets, index in self.train_loader.batches(epoch, tally.step):
                 if self.stop.received is not None:
                     self._stop_inside_epoch(epoch, tally, started)
-                inputs = augmentation(images, index)
                 if self.config.train.channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 self._count(tally, self.train_step(Batch(inputs, targets, index, epoch)), targets)
@@ -188,13 +183,14 @@ class Trainer:
                     bar.advance(tally.step, *tally.running())
         tally.elapsed += time.perf_counter() - started
         record = tally.record(epoch, self.runtime)
+        if data_stats := self.train_loader.epoch_stats():
+            record["data"] = data_stats
         record.update({name: observer.on_epoch_end(epoch) for name, observer in self.observers.items()})
         return record
 
     def _start_epoch(self, epoch: int) -> EpochTally:
         """Seed the epoch, call the epoch-start hooks, and pick up a mid-epoch position if one is pending."""
         torch.manual_seed(epoch_seed(self.config.train.seed, epoch, self.runtime.rank))
-        self.train_loader.set_epoch(epoch)
         self.task.train()
         self.method.on_epoch_start(epoch)
         for observer in self.observers.values():

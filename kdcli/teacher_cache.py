@@ -42,8 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from kdcli.checkpoint import load_state, save_state
-from kdcli.data.augment import BatchAugment
-from kdcli.data.bundle import ImageSplit
+from kdcli.data.loading import Augment, Split
 from kdcli.errors import KdcliError, UsageError
 from kdcli.step import Batch
 from kdcli.teacher import FrozenTeacher, Renormalization
@@ -68,25 +67,18 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def split_digest(split: ImageSplit) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for tensor in (split.images, split.targets):
-        digest.update(tensor.contiguous().numpy().data)
-    return digest.hexdigest()
-
-
 def cache_key(
-    teacher_path: Path, train: ImageSplit, augment: BatchAugment, *, seed: int, precision: str, topk: int | None = None
+    teacher_path: Path, train: Split, augment: Augment, *, seed: int, precision: str, topk: int | None = None
 ) -> str:
     """What the stored logits are a function of, hashed to 16 hex digits."""
     facts = {
         "topk": topk,
         "format": CACHE_FORMAT,
         "teacher": file_digest(teacher_path),
-        "train": split_digest(train),
+        "train": train.digest(),
         "mean": augment.mean,
         "std": augment.std,
-        "augment": {"crop_padding": augment.crop_padding, "hflip": augment.hflip, "rotation": augment.rotation},
+        "augment": augment.facts(),
         "seed": seed if augment.is_random else None,
         "precision": precision,
     }

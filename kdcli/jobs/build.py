@@ -12,13 +12,13 @@ from torch import nn
 
 from kdcli.checkpoint import CheckpointInfo, read_checkpoint_info
 from kdcli.config import RunConfig, format_validation_error
-from kdcli.data.augment import EpochAugmentation, normalize
+from kdcli.data.augment import BatchAugment, EpochAugmentation, normalize
 from kdcli.data.bundle import DataBundle
-from kdcli.data.loader import BatchLoader
+from kdcli.data.loading import split_loader
 from kdcli.engine import EpochObserver, Trainer, TrainingData, training_loader
 from kdcli.errors import UsageError
 from kdcli.jobs.common import TIMM_PREFIX, is_timm_teacher, new_model, training_data
-from kdcli.method import Method, MethodContext, MethodParams
+from kdcli.method import Method, MethodContext, MethodError, MethodParams
 from kdcli.registry import get_method
 from kdcli.rundir import RunDir
 from kdcli.runtime import Runtime
@@ -101,7 +101,9 @@ def method_context(config: RunConfig, data: TrainingData, runtime: Runtime, num_
         samples = splits[split]
         if samples is None:
             raise UsageError("this method needs a validation split: set data.val_split above 0")
-        loader = BatchLoader(samples, batch_size=batch_size or train.batch_size, shuffle=shuffle, device=runtime.device, seed=seed)
+        if augment and not isinstance(data.augment, BatchAugment):
+            raise MethodError("this method asks for augmented passes over a split, which streamed data sets do not offer yet")
+        loader = split_loader(samples, batch_size=batch_size or train.batch_size, shuffle=shuffle, device=runtime.device, seed=seed)
         augmentation = EpochAugmentation(data.augment, len(samples), seed, runtime.device) if augment else None
         for images, targets, index in loader:
             inputs = normalize(images, data.mean, data.std) if augmentation is None else augmentation(images, index)
@@ -111,7 +113,7 @@ def method_context(config: RunConfig, data: TrainingData, runtime: Runtime, num_
         num_classes=num_classes,
         num_train=len(data.train),
         epochs=train.epochs,
-        steps_per_epoch=len(training_loader(data.train, train, runtime)),
+        steps_per_epoch=len(training_loader(data, train, runtime)),
         device=runtime.device,
         mean=data.mean,
         std=data.std,
@@ -119,7 +121,7 @@ def method_context(config: RunConfig, data: TrainingData, runtime: Runtime, num_
         all_gather=runtime.all_gather,
         batches=batches,
         has_val=data.val is not None,
-        input_size=tuple(data.train.images.shape[1:]),
+        input_size=data.input_size,
     )
 
 

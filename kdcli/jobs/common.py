@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import timm
@@ -25,9 +26,10 @@ TIMM_PREFIX = "timm:"
 def load_data(config: DataConfig) -> DataBundle:
     """``--data NAME[:ARG]`` through the ``kdcli.datasets`` entry points."""
     name, _, argument = config.name.partition(":")
+    streaming = config.model_dump(include={"in_memory", "memory_budget_gb", "workers", "on_corrupt", "crop_pct", "crop_scale_min", "auto_augment"})
     request = DataRequest(
         argument=argument or None, root=config.root, download=config.download, image_size=config.image_size,
-        synthetic=config.synthetic.model_dump(),
+        synthetic=config.synthetic.model_dump(), streaming=streaming,
     )
     try:
         return get_dataset_builder(name)(request)
@@ -38,6 +40,9 @@ def load_data(config: DataConfig) -> DataBundle:
 
 def training_data(bundle: DataBundle, config: DataConfig) -> TrainingData:
     train, val = split_train_val(bundle.train, config.val_split, config.split_seed)
+    if bundle.recipe is not None:
+        recipe = bundle.recipe if config.hflip is None else replace(bundle.recipe, hflip=config.hflip)
+        return TrainingData(train=train, val=val, augment=recipe, mean=bundle.mean, std=bundle.std, input_size=bundle.input_size)
     augment = BatchAugment(
         bundle.mean,
         bundle.std,
@@ -45,7 +50,7 @@ def training_data(bundle: DataBundle, config: DataConfig) -> TrainingData:
         hflip=bundle.hflip if config.hflip is None else config.hflip,
         rotation=config.rotation,
     )
-    return TrainingData(train=train, val=val, augment=augment, mean=bundle.mean, std=bundle.std)
+    return TrainingData(train=train, val=val, augment=augment, mean=bundle.mean, std=bundle.std, input_size=bundle.input_size)
 
 
 def evaluation_split(bundle: DataBundle, config: DataConfig, split: str) -> ImageSplit:

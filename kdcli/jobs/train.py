@@ -126,6 +126,8 @@ def train(
     config = spec.config
     require_model(spec.model_name)
     bundle = bundle if bundle is not None else load_data(config.data)
+    if bundle.unreadable and notify is not None:
+        notify(f"warning: left out {len(bundle.unreadable)} training images that do not decode, e.g. {bundle.unreadable[0]}")
     teacher, teacher_info = None, None
     if config.teacher is not None:
         teacher, teacher_info = load_teacher(config.teacher)
