@@ -18,7 +18,9 @@ from kdcli.data.loading import training_epochs
 from kdcli.data.recipes import TrainRecipe
 from kdcli.data.stream import FileSplit, StreamingLoader
 from kdcli.data.vision import IMAGENET_MEAN, IMAGENET_STD, load_imagefolder
+from kdcli.config import build_config
 from kdcli.engine import Trainer
+from kdcli.jobs.build import resolve_run
 from kdcli.errors import KdcliError
 
 CPU = torch.device("cpu")
@@ -129,3 +131,11 @@ def test_distill_streamed_with_a_cached_teacher(folder: Path, tmp_path: Path) ->
     assert all(record["teacher_cache"]["computed"] == 0 and record["teacher_cache"]["hits"] > 0 for record in records)
     first, second = (safetensors.torch.load_file(tmp_path / run / "last.safetensors") for run in ("first", "second"))
     assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).parent.parent / "examples" / "imagenet").glob("*.toml")), ids=lambda path: path.stem)
+def test_imagenet_recipes_resolve(config: Path) -> None:
+    job = "teach" if "soteacher" in config.stem else "distill"
+    flags = {"job": job} if job == "teach" or "timm:" in config.read_text() else {"job": job, "teacher": "timm:resnet34.tv_in1k"}
+    spec = resolve_run(build_config(file=config, flags=flags))
+    assert spec.config.data.name.startswith("imagefolder:") and spec.model_name.startswith("resnet")
