@@ -137,9 +137,9 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------
 
     def fit(self) -> list[dict[str, Any]]:
-        # Under torchrun the processes would first have to agree on a step to stop at:
-        # there Ctrl-C keeps the last completed epoch (KeyboardInterrupt below).
-        with self.stop.caught(enabled=not self.runtime.distributed):
+        # Under torchrun the processes agree on the step to stop at (``_stop_agreed``); a second
+        # signal stops at once (KeyboardInterrupt below).
+        with self.stop.caught(enabled=True):
             try:
                 for epoch in range(self.start_epoch, self.config.train.epochs + 1):
                     if not self._run_epoch(epoch):
@@ -159,7 +159,7 @@ class Trainer:
         self.history.append(record)
         self.save(epoch, record, improved=improved)
         self.console.epoch_done(record, self.config.train.epochs, list(self.observers))
-        if self.stop.received is not None:
+        if self._agree_on_stop():
             self._stopped(f"epoch {epoch} is complete and saved ({self.run_dir.last_path}, {self.run_dir.resume_path.name})")
         patience = self.config.train.early_stop_patience
         if patience is not None and epoch - self.best["epoch"] >= patience:
@@ -173,7 +173,7 @@ class Trainer:
         started = time.perf_counter()
         with self.console.epoch_bar(epoch, self.config.train.epochs, steps, tally.step) as bar:
             for inputs, targets, index in self.train_loader.batches(epoch, tally.step):
-                if self.stop.received is not None:
+                if self._stop_agreed(tally.step):
                     self._stop_inside_epoch(epoch, tally, started)
                 if self.config.train.channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -201,9 +201,10 @@ class Trainer:
         # method state overrides whatever else it changed.  Augmentation is a function of
         # (seed, epoch, sample) and needs no state.
         position, self.position = self.position, None
-        self.method.load_state_dict(self.position_method_state)
-        self.runtime.set_rng_states(position["rng"])
-        return EpochTally.from_state(position["tally"], self.runtime.device)
+        entry = position["ranks"][self.runtime.rank] if "ranks" in position else {**position, "method": self.position_method_state}
+        self.method.load_state_dict(entry["method"])
+        self.runtime.set_rng_states(entry["rng"])
+        return EpochTally.from_state(entry["tally"], self.runtime.device)
 
     def _count(self, tally: EpochTally, output: StepOutput | None, targets: torch.Tensor) -> None:
         tally.step += 1
@@ -261,14 +262,30 @@ class Trainer:
             kept = f"{self.run_dir.last_path} (epoch {self.history[-1]['epoch']}) is kept as it was" if self.history else "no epoch had been saved yet"
             raise NonFiniteLoss(f"{what}; training stopped and {kept}; to skip such steps instead: set train.nonfinite_loss=skip")
 
+    def _stop_agreed(self, step: int) -> bool:
+        """Whether to stop before this step: at once in one process; under torchrun at the steps where
+        the processes compare notes (every ``PROGRESS_REFRESH_STEPS``), so they all stop at the same one."""
+        if not self.runtime.distributed:
+            return self.stop.received is not None
+        return step % PROGRESS_REFRESH_STEPS == 0 and self._agree_on_stop()
+
+    def _agree_on_stop(self) -> bool:
+        """Whether any process received a stop signal (every process asks at the same point); adopts its signal."""
+        agreed = self.runtime.max_over_ranks(self.stop.received or 0)
+        if agreed and self.stop.received is None:
+            self.stop.received = agreed
+        return bool(agreed)
+
     def _stop_inside_epoch(self, epoch: int, tally: EpochTally, started: float) -> NoReturn:
-        """Save an exact resume state after the last finished step and end the run."""
+        """Save an exact resume state after the last finished step (every process's part of it) and end the run."""
         self._check_finite(epoch)  # never save a state a bad step has already spoiled
         tally.elapsed += time.perf_counter() - started
         label = f"step {tally.step}/{len(self.train_loader)} of epoch {epoch}"
-        state = self.resume_state.build(epoch - 1, self.history, self.best, self.resume_state.position(epoch, tally))
-        with self._writing():
-            save_state(self.run_dir.resume_path, state, label=label)
+        position = self.resume_state.position(epoch, tally)
+        if self.runtime.is_main:
+            with self._writing():
+                save_state(self.run_dir.resume_path, self.resume_state.build(epoch - 1, self.history, self.best, position), label=label)
+        self.runtime.barrier()  # no process leaves before the state is on disk
         last = f"{self.run_dir.last_path} holds epoch {epoch - 1}" if self.history else "no epoch is complete yet"
         self._stopped(f"saved the exact training state after {label} to {self.run_dir.resume_path} ({last})")
 
