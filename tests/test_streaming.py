@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,21 @@ def test_imagenet_recipes_resolve(config: Path) -> None:
     flags = {"job": job} if job == "teach" or "timm:" in config.read_text() else {"job": job, "teacher": "timm:resnet34.tv_in1k"}
     spec = resolve_run(build_config(file=config, flags=flags))
     assert spec.config.data.name.startswith("imagefolder:") and spec.model_name.startswith("resnet")
+
+
+def test_two_processes_stream_the_views_one_process_streams(tmp_path: Path) -> None:
+    """torchrun over the streaming path: each rank decodes its shard; test_vit (per-sample LayerNorm) ends where 1 process does."""
+    clean = write_folder(tmp_path / "photos", per_class=16, corrupt=False)
+    args = ["teach", "--data", f"imagefolder:{clean}", "--model", "test_vit", "--epochs", "2", "--lr", "0.01", "--batch-size", "8",
+            "--set", "data.in_memory=false", "--set", "data.image_size=32", "--set", "data.workers=1", "--set", "train.deterministic=true",
+            "--set", "data.val_split=0"]  # 48 samples: equal shards, no padding repeats
+    runs = {}
+    for processes in (2, 1):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+        out = tmp_path / f"run{processes}"
+        completed = subprocess.run([*launcher, "-m", "kdcli", *args, "--out", str(out), "-q"], capture_output=True, text=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        runs[processes] = safetensors.torch.load_file(out / "last.safetensors")
+    for key, value in runs[1].items():
+        torch.testing.assert_close(runs[2][key], value, rtol=1e-4, atol=1e-5, msg=key)
