@@ -56,6 +56,12 @@ def conv1x1(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_chs, out_chs, kernel_size=1, stride=stride, bias=False)
 
 
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Interleave the channels of ``groups`` groups: [N, g*c, H, W] -> channel order c-major."""
+    batch, channels, height, width = x.shape
+    return x.view(batch, groups, channels // groups, height, width).transpose(1, 2).reshape(batch, channels, height, width)
+
+
 def build_feature_info(
         stem: tuple[int, str],
         stages: Sequence[tuple[int, str]],
