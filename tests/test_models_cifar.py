@@ -9,12 +9,16 @@ from the layer arithmetic, and agree.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from conftest import TINY, run_cli
 
 # Importing the modules registers their models with timm.
 import kdcli.models.cifar_mobilenetv2  # noqa: F401
@@ -319,3 +323,17 @@ def test_wrn_shortcuts_follow_repdistiller() -> None:
     with torch.no_grad():
         torch.testing.assert_close(projecting(x), projecting.convShortcut(F.relu(projecting.bn1(x))))
         torch.testing.assert_close(identity(y), y)
+
+
+def test_a_new_zoo_student_distills_through_the_cli(teacher_run: Path, tmp_path: Path) -> None:
+    student = tmp_path / "student"
+    result = run_cli(
+        "distill", "--teacher", teacher_run / "last.safetensors", "--model", "cifar_shufflenetv2",
+        "--epochs", 1, "--out", student, "--json", *TINY,
+    )
+    assert result.exit_code == 0, result
+    summary = result.json()
+    assert summary["method"] == "kd" and summary["teacher_arch"] == "cifar_resnet14"
+    assert 0.0 <= summary["test"]["top1"] <= 1.0
+    plain = timm.create_model("cifar_shufflenetv2", num_classes=10)
+    plain.load_state_dict(safetensors.torch.load_file(student / "last.safetensors"))  # strict: RepDistiller's keys
