@@ -20,7 +20,6 @@ import torch
 
 from benchmarks.common import report
 from benchmarks.harness import Workload, build_trainer
-from kdcli.data.augment import EpochAugmentation
 from kdcli.engine import Trainer
 from kdcli.method import Batch, Method
 from kdcli.registry import method_plugins
@@ -40,10 +39,8 @@ def job_of(method: type[Method]) -> str:
 
 def fixed_batch(trainer: Trainer) -> Batch:
     """The first batch of epoch 1, augmented as the engine augments it."""
-    trainer.train_loader.set_epoch(1)
-    images, targets, index = next(iter(trainer.train_loader))
-    augmentation = EpochAugmentation(trainer.data.augment, len(trainer.data.train), seed=1, device=trainer.runtime.device)
-    return Batch(augmentation(images, index), targets, index)
+    inputs, targets, index = next(trainer.train_loader.batches(1, 0))
+    return Batch(inputs, targets, index, 1)
 
 
 def ready_trainer(method: str, job: str, scratch: Path) -> Trainer:

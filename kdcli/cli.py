@@ -285,7 +285,7 @@ def teach(
 @reports_errors
 @training_options()
 def distill(
-    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Teacher checkpoint (.safetensors).", show_default=False)] = None,
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Teacher: a kdcli checkpoint (.safetensors), or timm:NAME for timm's pretrained weights (timm:resnet50.a1_in1k, timm:local-dir:PATH).", show_default=False)] = None,
     method: Annotated[Optional[str], typer.Option("--method", help=f"Distillation method (default {DEFAULT_METHODS['distill']}; kdcli methods list).", show_default=False)] = None,
     *,
     flags: TrainingFlags,

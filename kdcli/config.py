@@ -67,6 +67,21 @@ class DataConfig(StrictModel):
     val_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of train held out for validation.")
     split_seed: int = Field(0, description="Seed of the train/val split, fixed across training seeds.")
     image_size: PositiveInt = Field(64, description="Side length images are resized to (imagefolder).")
+    in_memory: Literal["auto"] | bool = Field(
+        "auto",
+        description="imagefolder: decode the whole set into memory once (true), stream files through worker processes "
+        "(false), or stream only when the decoded set exceeds memory_budget_gb (auto).",
+    )
+    memory_budget_gb: PositiveFloat = Field(4.0, description="The decoded size up to which in_memory=auto keeps a set in memory.")
+    workers: NonNegativeInt | None = Field(None, description="Decoding processes of the streaming path; None = min(8, CPUs).")
+    on_corrupt: Literal["skip", "stop"] = Field(
+        "skip", description="Streaming: a training image that does not decode is skipped and counted, or stops the run."
+    )
+    crop_pct: float = Field(0.875, gt=0.0, le=1.0, description="Streaming evaluation: resize to image_size / crop_pct, center crop.")
+    crop_scale_min: float = Field(0.08, gt=0.0, le=1.0, description="Streaming training: RandomResizedCrop's smallest area fraction.")
+    auto_augment: Literal["none", "trivial", "rand"] = Field(
+        "none", description="Streaming training: TrivialAugment or RandAugment after the crop and flip."
+    )
     crop_padding: NonNegativeInt | None = Field(None, description="Random-crop padding; None = the data set's recipe.")
     hflip: bool | None = Field(None, description="Random horizontal flip; None = the data set's recipe.")
     rotation: NonNegativeFloat = Field(0.0, description="Random rotation range in degrees (0 = off).")
@@ -117,6 +132,11 @@ class TrainConfig(StrictModel):
     )
     cache_teacher: bool = Field(
         False, description="Compute the teacher's logits once and reuse them (stored next to the teacher checkpoint)."
+    )
+    cache_teacher_topk: PositiveInt | None = Field(
+        None,
+        description="Keep only each sample's k largest teacher logits and the remaining mass (tables for many classes); "
+        "None = every logit, exact.",
     )
 
     @model_validator(mode="after")

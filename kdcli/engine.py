@@ -9,7 +9,6 @@ state, the guards (non-finite losses, stop signals) and the console.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,9 +20,8 @@ from torch import nn
 
 from kdcli.checkpoint import CheckpointInfo, WriteFailed, load_state, read_state_label, save_checkpoint, save_state
 from kdcli.config import RunConfig, TrainConfig
-from kdcli.data.augment import BatchAugment, EpochAugmentation, normalize
-from kdcli.data.bundle import ImageSplit
-from kdcli.data.loader import BatchLoader
+from kdcli.data.augment import normalize
+from kdcli.data.loading import Augment, EpochBatches, Split, split_loader, training_epochs
 from kdcli.errors import KdcliError, ResumeHint
 from kdcli.guards import FiniteWatch, NonFiniteLoss, StopSignals, finite_flags, nonfinite_message
 from kdcli.method import Method
@@ -32,7 +30,7 @@ from kdcli.progress import PROGRESS_REFRESH_STEPS, TrainingConsole
 from kdcli.resume import NO_BEST, ResumeState
 from kdcli.rundir import RunDir
 from kdcli.runtime import Runtime
-from kdcli.seeds import augmentation_seed, epoch_seed
+from kdcli.seeds import epoch_seed
 from kdcli.step import Batch, StepOutput
 from kdcli.tally import EpochTally
 from kdcli.task import TrainableTask
@@ -40,13 +38,14 @@ from kdcli.task import TrainableTask
 
 @dataclass
 class TrainingData:
-    """The splits the engine iterates and how training batches are augmented."""
+    """The splits the engine iterates (in memory or streamed) and how training batches are augmented."""
 
-    train: ImageSplit
-    val: ImageSplit | None
-    augment: BatchAugment
+    train: Split
+    val: Split | None
+    augment: Augment
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    input_size: tuple[int, int, int]
 
 
 class EpochObserver(Protocol):
@@ -57,10 +56,10 @@ class EpochObserver(Protocol):
     def on_epoch_end(self, epoch: int) -> dict[str, Any]: ...
 
 
-def training_loader(split: ImageSplit, train: TrainConfig, runtime: Runtime) -> BatchLoader:
-    """This process's shard of every epoch, in the seeded order of ``train.seed``."""
-    return BatchLoader(
-        split, batch_size=runtime.per_rank_batch_size(train.batch_size), shuffle=True, device=runtime.device,
+def training_loader(data: TrainingData, train: TrainConfig, runtime: Runtime) -> EpochBatches:
+    """This process's shard of every epoch, in the seeded order of ``train.seed``, augmented."""
+    return training_epochs(
+        data.train, data.augment, batch_size=runtime.per_rank_batch_size(train.batch_size), device=runtime.device,
         seed=train.seed, num_replicas=runtime.world_size, rank=runtime.rank,
     )
 
@@ -90,8 +89,8 @@ class Trainer:
         self.model = runtime.wrap(self.task, config.train)  # the one wrapped module whose forward is a step
         self.parameters = list(self.task.parameters())
         train = config.train
-        self.train_loader = training_loader(data.train, train, runtime)
-        self.val_loader = None if data.val is None else BatchLoader(
+        self.train_loader = training_loader(data, train, runtime)
+        self.val_loader = None if data.val is None else split_loader(
             data.val, batch_size=train.eval_batch_size, shuffle=False, device=runtime.device,
             num_replicas=runtime.world_size, rank=runtime.rank,
         )
@@ -138,9 +137,9 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------
 
     def fit(self) -> list[dict[str, Any]]:
-        # Under torchrun the processes would first have to agree on a step to stop at:
-        # there Ctrl-C keeps the last completed epoch (KeyboardInterrupt below).
-        with self.stop.caught(enabled=not self.runtime.distributed):
+        # Under torchrun the processes agree on the step to stop at (``_stop_agreed``); a second
+        # signal stops at once (KeyboardInterrupt below).
+        with self.stop.caught(enabled=True):
             try:
                 for epoch in range(self.start_epoch, self.config.train.epochs + 1):
                     if not self._run_epoch(epoch):
@@ -159,8 +158,8 @@ class Trainer:
             self.best = {"epoch": epoch, "val_top1": record["val_top1"]}
         self.history.append(record)
         self.save(epoch, record, improved=improved)
-        self.console.epoch_done(record, self.config.train.epochs)
-        if self.stop.received is not None:
+        self.console.epoch_done(record, self.config.train.epochs, list(self.observers))
+        if self._agree_on_stop():
             self._stopped(f"epoch {epoch} is complete and saved ({self.run_dir.last_path}, {self.run_dir.resume_path.name})")
         patience = self.config.train.early_stop_patience
         if patience is not None and epoch - self.best["epoch"] >= patience:
@@ -170,16 +169,12 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         tally = self._start_epoch(epoch)
-        augmentation = EpochAugmentation(
-            self.data.augment, len(self.data.train), augmentation_seed(self.config.train.seed, epoch), self.runtime.device
-        )
         steps = len(self.train_loader)
         started = time.perf_counter()
         with self.console.epoch_bar(epoch, self.config.train.epochs, steps, tally.step) as bar:
-            for images, targets, index in itertools.islice(self.train_loader, tally.step, None):
-                if self.stop.received is not None:
+            for inputs, targets, index in self.train_loader.batches(epoch, tally.step):
+                if self._stop_agreed(tally.step):
                     self._stop_inside_epoch(epoch, tally, started)
-                inputs = augmentation(images, index)
                 if self.config.train.channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 self._count(tally, self.train_step(Batch(inputs, targets, index, epoch)), targets)
@@ -188,13 +183,14 @@ class Trainer:
                     bar.advance(tally.step, *tally.running())
         tally.elapsed += time.perf_counter() - started
         record = tally.record(epoch, self.runtime)
+        if data_stats := self.train_loader.epoch_stats():
+            record["data"] = data_stats
         record.update({name: observer.on_epoch_end(epoch) for name, observer in self.observers.items()})
         return record
 
     def _start_epoch(self, epoch: int) -> EpochTally:
         """Seed the epoch, call the epoch-start hooks, and pick up a mid-epoch position if one is pending."""
         torch.manual_seed(epoch_seed(self.config.train.seed, epoch, self.runtime.rank))
-        self.train_loader.set_epoch(epoch)
         self.task.train()
         self.method.on_epoch_start(epoch)
         for observer in self.observers.values():
@@ -205,9 +201,10 @@ class Trainer:
         # method state overrides whatever else it changed.  Augmentation is a function of
         # (seed, epoch, sample) and needs no state.
         position, self.position = self.position, None
-        self.method.load_state_dict(self.position_method_state)
-        self.runtime.set_rng_states(position["rng"])
-        return EpochTally.from_state(position["tally"], self.runtime.device)
+        entry = position["ranks"][self.runtime.rank] if "ranks" in position else {**position, "method": self.position_method_state}
+        self.method.load_state_dict(entry["method"])
+        self.runtime.set_rng_states(entry["rng"])
+        return EpochTally.from_state(entry["tally"], self.runtime.device)
 
     def _count(self, tally: EpochTally, output: StepOutput | None, targets: torch.Tensor) -> None:
         tally.step += 1
@@ -265,14 +262,30 @@ class Trainer:
             kept = f"{self.run_dir.last_path} (epoch {self.history[-1]['epoch']}) is kept as it was" if self.history else "no epoch had been saved yet"
             raise NonFiniteLoss(f"{what}; training stopped and {kept}; to skip such steps instead: set train.nonfinite_loss=skip")
 
+    def _stop_agreed(self, step: int) -> bool:
+        """Whether to stop before this step: at once in one process; under torchrun at the steps where
+        the processes compare notes (every ``PROGRESS_REFRESH_STEPS``), so they all stop at the same one."""
+        if not self.runtime.distributed:
+            return self.stop.received is not None
+        return step % PROGRESS_REFRESH_STEPS == 0 and self._agree_on_stop()
+
+    def _agree_on_stop(self) -> bool:
+        """Whether any process received a stop signal (every process asks at the same point); adopts its signal."""
+        agreed = self.runtime.max_over_ranks(self.stop.received or 0)
+        if agreed and self.stop.received is None:
+            self.stop.received = agreed
+        return bool(agreed)
+
     def _stop_inside_epoch(self, epoch: int, tally: EpochTally, started: float) -> NoReturn:
-        """Save an exact resume state after the last finished step and end the run."""
+        """Save an exact resume state after the last finished step (every process's part of it) and end the run."""
         self._check_finite(epoch)  # never save a state a bad step has already spoiled
         tally.elapsed += time.perf_counter() - started
         label = f"step {tally.step}/{len(self.train_loader)} of epoch {epoch}"
-        state = self.resume_state.build(epoch - 1, self.history, self.best, self.resume_state.position(epoch, tally))
-        with self._writing():
-            save_state(self.run_dir.resume_path, state, label=label)
+        position = self.resume_state.position(epoch, tally)
+        if self.runtime.is_main:
+            with self._writing():
+                save_state(self.run_dir.resume_path, self.resume_state.build(epoch - 1, self.history, self.best, position), label=label)
+        self.runtime.barrier()  # no process leaves before the state is on disk
         last = f"{self.run_dir.last_path} holds epoch {epoch - 1}" if self.history else "no epoch is complete yet"
         self._stopped(f"saved the exact training state after {label} to {self.run_dir.resume_path} ({last})")
 

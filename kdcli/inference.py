@@ -8,15 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from kdcli.data.augment import normalize
-from kdcli.data.bundle import ImageSplit
-from kdcli.data.loader import BatchLoader
+from kdcli.data.loading import Split, split_loader
 
 InputTransform = Callable[[Tensor, Tensor], Tensor]  # (normalized inputs, sample index) -> inputs
 
 
 def predict(
     model: nn.Module,
-    split: ImageSplit,
+    split: Split,
     *,
     mean: tuple[float, ...],
     std: tuple[float, ...],
@@ -25,7 +24,7 @@ def predict(
     transform: InputTransform | None = None,
 ) -> Tensor:
     """Logits for every sample of ``split`` in order (no augmentation; ``transform``, e.g. noise, if given), on the CPU."""
-    loader = BatchLoader(split, batch_size=batch_size, shuffle=False, device=device)
+    loader = split_loader(split, batch_size=batch_size, shuffle=False, device=device)
     was_training = model.training
     model.eval()
     with torch.inference_mode():

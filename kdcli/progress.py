@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
@@ -19,19 +20,29 @@ class TrainingConsole:
     def note(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
-    def epoch_done(self, record: dict[str, Any], epochs: int) -> None:
-        self.console.print(epoch_line(record, epochs))
+    def epoch_done(self, record: dict[str, Any], epochs: int, sections: Sequence[str] = ()) -> None:
+        """The epoch's line; ``sections`` name record entries (an observer's numbers) shown after it."""
+        self.console.print(epoch_line(record, epochs, sections), markup=False, highlight=False)
 
     def epoch_bar(self, epoch: int, epochs: int, steps: int, done: int) -> EpochProgress:
         return EpochProgress(self.console, epoch, epochs, steps, done)
 
 
-def epoch_line(record: dict[str, Any], epochs: int) -> str:
+def epoch_line(record: dict[str, Any], epochs: int, sections: Sequence[str] = ()) -> str:
     parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['loss']['total']:.4f}", f"train {record['train_top1']:.3f}"]
     if "val_top1" in record:
         parts.append(f"val {record['val_top1']:.3f}")
     parts += [f"lr {record['lr']:.4g}", f"{record['time_s']:.1f}s"]
+    for name in sections:
+        numbers = " ".join(f"{key} {_number(key, value)}" for key, value in record.get(name, {}).items())
+        parts.append(f"{name}: {numbers}")
     return "  ".join(parts)
+
+
+def _number(key: str, value: Any) -> str:
+    if key.endswith("bytes"):
+        return f"{value / 2**20:.2f} MiB" if value >= 2**20 else f"{value / 2**10:.1f} KiB"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 class EpochProgress:

@@ -68,8 +68,14 @@ class ResumeState:
             "position": position,
         }
 
-    def position(self, epoch: int, tally: EpochTally) -> dict[str, Any]:
-        return {"epoch": epoch, "tally": tally.state(), "rng": self.runtime.rng_states()}
+    def position(self, epoch: int, tally: EpochTally) -> dict[str, Any] | None:
+        """Where inside ``epoch`` the run is: this process's tally and generators; under torchrun every
+        process's (and its method state), gathered on rank 0 (None on the others)."""
+        local = {"tally": tally.state(), "rng": self.runtime.rng_states()}
+        if not self.runtime.distributed:
+            return {"epoch": epoch, **local}
+        ranks = self.runtime.gather_to_main({**local, "method": self.method.state_dict()})
+        return None if ranks is None else {"epoch": epoch, "ranks": ranks}
 
     def apply(self, state: Any) -> tuple[Restored | None, str | None]:
         """Load ``state`` once it has the structure this run saves; else (None, the first difference)."""
@@ -88,8 +94,8 @@ class ResumeState:
         self.scaler.load_state_dict(state["scaler"])
         self.method.load_state_dict(state["method"])
         position = state["position"]
-        if position is not None:
-            torch.Generator().set_state(position["rng"]["torch"])  # fail here, not mid-epoch, on a state torch refuses
+        for entry in [] if position is None else position.get("ranks", [position]):
+            torch.Generator().set_state(entry["rng"]["torch"])  # fail here, not mid-epoch, on a state torch refuses
         return Restored(list(state["history"]), dict(state["best"]), state["epoch"] + 1, position, state["method"])
 
     def problem(self, state: Any) -> str | None:
@@ -139,17 +145,35 @@ class ResumeState:
         return None if position is None else self._position_problem(position, epoch)
 
     def _position_problem(self, position: Any, epoch: int) -> str | None:
-        if self.runtime.distributed:
-            return "it was saved inside an epoch by a single process; resume it without torchrun"
-        tally = position.get("tally") if isinstance(position, dict) else None
+        if not isinstance(position, dict) or position.get("epoch") != epoch + 1:
+            return f"position is not inside epoch {epoch + 1}"
+        ranks = position.get("ranks")
+        if ranks is None:
+            if self.runtime.distributed:
+                return "it was saved inside an epoch by a single process; resume it without torchrun"
+            return self._entry_problem({key: value for key, value in position.items() if key != "epoch"}, "position", with_method=False)
+        count = len(ranks) if isinstance(ranks, list) else 0
+        if count != self.runtime.world_size:
+            return f"it was saved inside an epoch by {count} processes; resume it with {count} processes"
+        return next((found for rank, entry in enumerate(ranks) if (found := self._entry_problem(entry, f"position/ranks/{rank}", with_method=True))), None)
+
+    def _entry_problem(self, entry: Any, where: str, *, with_method: bool) -> str | None:
+        """One process's place in the epoch: its tally, generators and (under torchrun) method state."""
+        tally = entry.get("tally") if isinstance(entry, dict) else None
         sums = tally.get("sums") if isinstance(tally, dict) else None
         if not isinstance(sums, dict):
-            return "position/tally/sums should be a mapping"
+            return f"{where}/tally/sums should be a mapping"
         zeros = EpochTally(lr=0.0, correct=torch.zeros(()), sums={name: torch.zeros(()) for name in sums})
-        if found := structure_mismatch(position, self.position(0, zeros), "position"):
+        template = {"tally": zeros.state(), "rng": self.runtime.rng_states()}
+        if with_method:
+            template["method"] = self.method.state_dict()
+            if found := _shared_tensors_mismatch(entry.get("method"), template["method"], f"{where}/method"):
+                return found
+            entry = {**entry, "method": template["method"]}  # method state may grow: compared above, tensor by tensor
+        if found := structure_mismatch(entry, template, where):
             return found
-        if position["epoch"] != epoch + 1 or not 0 <= position["tally"]["step"] < self.steps_per_epoch:
-            return f"position is not inside epoch {epoch + 1}"
+        if not 0 <= entry["tally"]["step"] < self.steps_per_epoch:
+            return f"{where} is not inside the epoch"
         return None
 
 

@@ -57,6 +57,32 @@ class Runtime:
             return flag
         return bool(self.all_reduce_sum(torch.tensor(float(flag), device=self.device)).item())
 
+    def max_over_ranks(self, value: int) -> int:
+        """The largest of every process's ``value``; every process must ask at the same point."""
+        if not self.distributed:
+            return value
+        return int(self.all_reduce_max(torch.tensor(value, dtype=torch.int64, device=self.device)).item())
+
+    def all_reduce_max(self, tensor: Tensor) -> Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def gather_to_main(self, value: Any) -> list[Any] | None:
+        """Every process's ``value`` (tensors moved to the CPU), in rank order, on rank 0; None elsewhere.
+
+        Objects travel between this run's own processes (pickled by torch.distributed), never through files.
+        """
+        value = tree_to_cpu(value)
+        if not self.distributed:
+            return [value]
+        gathered: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
     def all_gather(self, tensor: Tensor) -> Tensor:
         """Concatenate equally shaped tensors from every rank along dim 0."""
         if not self.distributed:
@@ -100,6 +126,17 @@ class Runtime:
     def place(self, module: nn.Module, train: TrainConfig) -> nn.Module:
         module = module.to(self.device)
         return module.to(memory_format=torch.channels_last) if train.channels_last else module
+
+
+def tree_to_cpu(tree: Any) -> Any:
+    """Nested dicts and lists with every tensor on the CPU."""
+    if isinstance(tree, Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {key: tree_to_cpu(value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [tree_to_cpu(value) for value in tree]
+    return tree
 
 
 def setup_runtime(train: TrainConfig) -> Runtime:

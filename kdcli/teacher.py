@@ -16,25 +16,55 @@ from kdcli.features import feature_shapes, logits_and_features, stage_features
 from kdcli.step import Batch
 
 
-class FrozenTeacher:
-    """A teacher network in eval mode without gradients, run on whatever it is asked."""
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel (mean, std) on the [0, 1] pixel scale
 
-    def __init__(self, network: nn.Module) -> None:
+
+class Renormalization:
+    """Inputs normalized one way, re-expressed in another: ``x * scale + shift`` per channel.
+
+    A teacher expects its own normalization (the mean/std it was trained with,
+    stored in its checkpoint), which need not be the data set's.
+    """
+
+    def __init__(self, source: Normalization, target: Normalization) -> None:
+        (source_mean, source_std), (target_mean, target_std) = source, target
+        self.scale = torch.tensor([s / t for s, t in zip(source_std, target_std)]).view(-1, 1, 1)
+        self.shift = torch.tensor([(sm - tm) / t for sm, tm, t in zip(source_mean, target_mean, target_std)]).view(-1, 1, 1)
+
+    def __call__(self, inputs: Tensor) -> Tensor:
+        if self.scale.device != inputs.device:  # moved once, on first use
+            self.scale, self.shift = self.scale.to(inputs.device), self.shift.to(inputs.device)
+        return torch.addcmul(self.shift.to(inputs.dtype), inputs, self.scale.to(inputs.dtype))
+
+
+class FrozenTeacher:
+    """A teacher network in eval mode without gradients, run on whatever it is asked.
+
+    ``renormalize`` maps the run's normalized inputs to the teacher's own
+    normalization; None when the two agree.
+    """
+
+    def __init__(self, network: nn.Module, renormalize: Renormalization | None = None) -> None:
         self.network = network.eval().requires_grad_(False)
+        self.renormalize = renormalize
+
+    def own_inputs(self, inputs: Tensor) -> Tensor:
+        """``inputs`` as the teacher was trained to see them."""
+        return inputs if self.renormalize is None else self.renormalize(inputs)
 
     @torch.no_grad()
     def logits(self, batch: Batch) -> Tensor:
-        return self.network(batch.inputs)
+        return self.network(self.own_inputs(batch.inputs))
 
     @torch.no_grad()
     def logits_and_features(self, inputs: Tensor, indices: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
         """Logits and the features at stage ``indices`` (ascending stage order) in one forward."""
-        return logits_and_features(self.network, inputs, indices)
+        return logits_and_features(self.network, self.own_inputs(inputs), indices)
 
     @torch.no_grad()
     def features(self, inputs: Tensor, indices: Sequence[int]) -> list[Tensor]:
         """Only the features at stage ``indices``, stopping after the deepest."""
-        return stage_features(self.network, inputs, indices)
+        return stage_features(self.network, self.own_inputs(inputs), indices)
 
     def feature_shapes(self, input_size: tuple[int, int, int]) -> list[torch.Size]:
         return feature_shapes(self.network, input_size)

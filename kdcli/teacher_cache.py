@@ -32,22 +32,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from kdcli.checkpoint import load_state, save_state
-from kdcli.data.augment import BatchAugment
-from kdcli.data.bundle import ImageSplit
+from kdcli.data.loading import Augment, Split
 from kdcli.errors import KdcliError, UsageError
 from kdcli.step import Batch
-from kdcli.teacher import FrozenTeacher
+from kdcli.teacher import FrozenTeacher, Renormalization
 
-# Bump when the meaning of a stored table changes (how augmentation is drawn or seeded).
-CACHE_FORMAT = 1
+# Bump when the meaning or layout of a stored table changes (how augmentation is drawn or seeded; 2: columns).
+CACHE_FORMAT = 2
 HASH_CHUNK_BYTES = 1 << 24
 CACHE_FOLDER = "teacher-cache"
 
@@ -66,22 +67,18 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def split_digest(split: ImageSplit) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for tensor in (split.images, split.targets):
-        digest.update(tensor.contiguous().numpy().data)
-    return digest.hexdigest()
-
-
-def cache_key(teacher_path: Path, train: ImageSplit, augment: BatchAugment, *, seed: int, precision: str) -> str:
+def cache_key(
+    teacher_path: Path, train: Split, augment: Augment, *, seed: int, precision: str, topk: int | None = None
+) -> str:
     """What the stored logits are a function of, hashed to 16 hex digits."""
     facts = {
+        "topk": topk,
         "format": CACHE_FORMAT,
         "teacher": file_digest(teacher_path),
-        "train": split_digest(train),
+        "train": train.digest(),
         "mean": augment.mean,
         "std": augment.std,
-        "augment": {"crop_padding": augment.crop_padding, "hflip": augment.hflip, "rotation": augment.rotation},
+        "augment": augment.facts(),
         "seed": seed if augment.is_random else None,
         "precision": precision,
     }
@@ -100,11 +97,61 @@ def check_writable(teacher_path: Path) -> None:
         raise UsageError(f"the teacher cache (train.cache_teacher) stores the teacher's logits in {folder}, which is not writable")
 
 
+class LogitCodec(Protocol):
+    """How a batch of teacher logits becomes per-sample table columns, and back."""
+
+    def encode(self, logits: Tensor) -> dict[str, Tensor]: ...
+
+    def decode(self, columns: dict[str, Tensor], num_classes: int) -> Tensor: ...
+
+
+class FullLogits:
+    """The exact logits: one row of C numbers per sample."""
+
+    def encode(self, logits: Tensor) -> dict[str, Tensor]:
+        return {"logits": logits}
+
+    def decode(self, columns: dict[str, Tensor], num_classes: int) -> Tensor:
+        return columns["logits"]
+
+
+@dataclass(frozen=True)
+class TopKLogits:
+    """The k largest logits, their classes and the log-partition: k*(4+4)+4 bytes a sample instead of 4*C.
+
+    Decoding keeps the top-k probabilities exact (at temperature 1) and spreads
+    the remaining mass evenly over the other classes, so a KD loss can still be
+    evaluated; ``benchmarks/bench_cache_topk.py`` reports its error.
+    """
+
+    k: int
+
+    def encode(self, logits: Tensor) -> dict[str, Tensor]:
+        values, classes = logits.topk(min(self.k, logits.shape[1]), dim=1)
+        return {"values": values, "classes": classes.to(torch.int32), "logsumexp": logits.float().logsumexp(dim=1)}
+
+    def decode(self, columns: dict[str, Tensor], num_classes: int) -> Tensor:
+        values, classes, logsumexp = columns["values"], columns["classes"].long(), columns["logsumexp"]
+        others = num_classes - values.shape[1]
+        if others == 0:
+            return torch.empty_like(values).scatter_(1, classes, values)
+        top_mass = (values.float() - logsumexp.unsqueeze(1)).exp().sum(dim=1)
+        rest = (1.0 - top_mass).clamp(min=torch.finfo(torch.float32).tiny)
+        fill = logsumexp + rest.log() - math.log(others)  # each other class: an equal share of the rest
+        logits = fill.unsqueeze(1).expand(len(values), num_classes).to(values.dtype).clone()
+        return logits.scatter_(1, classes, values)
+
+
+def table_bytes(columns: dict[str, Tensor]) -> int:
+    return sum(column.numel() * column.element_size() for column in columns.values())
+
+
 class CachedTeacher(FrozenTeacher):
     """A frozen teacher whose logits on training batches come from a per-sample table.
 
     ``per_epoch``: one table per epoch (random, replayable augmentation) instead
-    of one for the run. ``all_reduce_sum`` sums a tensor over processes (identity
+    of one for the run. ``codec`` chooses what a row keeps (all logits, or the
+    top k). ``all_reduce_sum`` sums a tensor over processes (identity
     in a single process); only the process with ``writes`` saves files.
     """
 
@@ -116,20 +163,24 @@ class CachedTeacher(FrozenTeacher):
         key: str,
         num_samples: int,
         per_epoch: bool,
+        codec: LogitCodec | None = None,
+        renormalize: Renormalization | None = None,
         all_reduce_sum: Callable[[Tensor], Tensor] = lambda tensor: tensor,
         writes: bool = True,
     ) -> None:
-        super().__init__(network)
+        super().__init__(network, renormalize)
         if writes:
             check_writable(teacher_path)
         self.teacher_path = teacher_path
         self.key = key
         self.num_samples = num_samples
         self.per_epoch = per_epoch
+        self.codec = codec or FullLogits()
         self._all_reduce_sum = all_reduce_sum
         self._writes = writes
-        self._logits: Tensor | None = None  # [N, C], created by the first teacher output or a loaded file
-        self._filled: Tensor | None = None  # bool [N]: rows of _logits that hold the teacher's output
+        self._columns: dict[str, Tensor] | None = None  # [N, ...] each, created by the first teacher output or a loaded file
+        self._num_classes = 0
+        self._filled: Tensor | None = None  # bool [N]: rows of the columns that hold the teacher's output
         self._fresh: Tensor | None = None  # bool [N]: rows computed in this epoch by this process
         self._complete = False  # every row filled: known without asking the device
         self._table_epoch: int | None = None  # the epoch whose table is loaded (per_epoch); 0: the run's table
@@ -164,14 +215,14 @@ class CachedTeacher(FrozenTeacher):
         table_epoch = self._table_of(epoch)
         if table_epoch != self._table_epoch:
             self._table_epoch = table_epoch
-            self._logits, self._filled, self._complete = None, None, False
+            self._columns, self._filled, self._complete = None, None, False
             self._load(self._path(table_epoch))
         if self._filled is not None:
             self._fresh = torch.zeros_like(self._filled)
         self._hits = self._computed = 0
 
     def on_epoch_end(self, epoch: int) -> dict[str, int]:
-        """Merge what every process computed, save the table if it grew, and report hits and computed samples."""
+        """Merge what every process computed, save the table if it grew; report hits, computed samples, table size."""
         counts = self._all_reduce_sum(torch.tensor([self._hits, self._computed], dtype=torch.float64, device=self._device()))
         hits, computed = (int(value) for value in counts.tolist())
         if computed:
@@ -179,7 +230,8 @@ class CachedTeacher(FrozenTeacher):
             self._complete = bool(self._filled.all())
             if self._writes:
                 self._save(self._path(self._table_epoch))
-        return {"hits": hits, "computed": computed}
+        size = 0 if self._columns is None else table_bytes(self._columns)
+        return {"hits": hits, "computed": computed, "table_bytes": size}
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -191,7 +243,7 @@ class CachedTeacher(FrozenTeacher):
 
     @torch.no_grad()
     def _run_teacher(self, inputs: Tensor) -> Tensor:
-        return self.network(inputs)
+        return self.network(self.own_inputs(inputs))
 
     def _lookup(self, index: Tensor, inputs: Tensor) -> Tensor:
         if not self._complete:
@@ -204,7 +256,7 @@ class CachedTeacher(FrozenTeacher):
             self._hits += len(index) - missing.numel()
         else:
             self._hits += len(index)
-        return self._logits[index]
+        return self.codec.decode({name: column[index] for name, column in self._columns.items()}, self._num_classes)
 
     def _missing_rows(self, index: Tensor) -> Tensor:
         """Positions within the batch whose samples have no stored logits (asks the device)."""
@@ -213,14 +265,19 @@ class CachedTeacher(FrozenTeacher):
         return (~self._filled[index]).nonzero().squeeze(1)
 
     def _store(self, rows: Tensor, logits: Tensor) -> None:
-        if self._logits is None:
-            self._allocate(logits.shape[1], logits.dtype, logits.device)
-        self._logits[rows] = logits.to(self._logits.dtype)
+        encoded = self.codec.encode(logits)
+        if self._columns is None:
+            self._allocate(encoded, logits.shape[1], logits.device)
+        for name, value in encoded.items():
+            self._columns[name][rows] = value.to(self._columns[name].dtype)
         self._filled[rows] = True
         self._fresh[rows] = True
 
-    def _allocate(self, num_classes: int, dtype: torch.dtype, device: torch.device) -> None:
-        self._logits = torch.zeros(self.num_samples, num_classes, dtype=dtype, device=device)
+    def _allocate(self, encoded: dict[str, Tensor], num_classes: int, device: torch.device) -> None:
+        self._columns = {
+            name: torch.zeros(self.num_samples, *value.shape[1:], dtype=value.dtype, device=device) for name, value in encoded.items()
+        }
+        self._num_classes = num_classes
         self._filled = torch.zeros(self.num_samples, dtype=torch.bool, device=device)
         self._fresh = torch.zeros_like(self._filled)
 
@@ -230,12 +287,15 @@ class CachedTeacher(FrozenTeacher):
         Every process trains the same number of batches, and one without a table
         misses on all of them, so each process has a table here.
         """
-        fresh = self._fresh.unsqueeze(1)
-        sums = self._all_reduce_sum(torch.where(fresh, self._logits.float(), 0.0))
-        counts = self._all_reduce_sum(self._fresh.float()).unsqueeze(1)
+        counts = self._all_reduce_sum(self._fresh.double())
         computed = counts > 0
-        self._logits = torch.where(computed, sums / counts.clamp(min=1), self._logits.float()).to(self._logits.dtype)
-        self._filled |= computed.squeeze(1)
+        for name, column in self._columns.items():
+            shape = (-1,) + (1,) * (column.dim() - 1)
+            fresh, count = self._fresh.view(shape), counts.view(shape)
+            sums = self._all_reduce_sum(torch.where(fresh, column.double(), 0.0))
+            merged = torch.where(computed.view(shape), sums / count.clamp(min=1), column.double())
+            self._columns[name] = (merged.round() if not column.is_floating_point() else merged).to(column.dtype)
+        self._filled |= computed
 
     def _load(self, path: Path) -> None:
         if not path.exists():
@@ -244,15 +304,17 @@ class CachedTeacher(FrozenTeacher):
             stored = load_state(path)
         except KdcliError:
             return  # unreadable: recomputed and replaced
-        logits, filled = stored.get("logits"), stored.get("filled")
-        if stored.get("key") != self.key or logits is None or filled is None or len(filled) != self.num_samples:
+        columns, filled, num_classes = stored.get("columns"), stored.get("filled"), stored.get("num_classes")
+        if stored.get("key") != self.key or not isinstance(columns, dict) or filled is None or len(filled) != self.num_samples:
             return  # another table under a colliding name: recomputed and replaced
         device = self._device()
-        self._logits, self._filled = logits.to(device), filled.to(device)
+        self._columns = {name: column.to(device) for name, column in columns.items()}
+        self._num_classes, self._filled = int(num_classes), filled.to(device)
         self._complete = bool(self._filled.all())
 
     def _save(self, path: Path) -> None:
-        save_state(path, {"key": self.key, "logits": self._logits, "filled": self._filled})
+        state = {"key": self.key, "columns": self._columns, "num_classes": self._num_classes, "filled": self._filled}
+        save_state(path, state)
 
     def _device(self) -> torch.device:
         parameter = next(self.network.parameters(), None)

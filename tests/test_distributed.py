@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
 from conftest import TINY
-from kdcli.checkpoint import load_state
+from kdcli.checkpoint import load_state, read_state_label
 
 # test_vit normalizes per sample (LayerNorm), and augmentation is replayable (sample i's
 # crop and flip depend on seed, epoch and i only), so sharding a global batch over ranks
@@ -85,3 +87,49 @@ def test_adaptive_fusion_trains_under_two_processes(teacher_run: Path, tmp_path:
     record = read_metrics(tmp_path / "two")[-1]
     assert record["method"]["meta_val_ce"] > 0  # the fusion network was trained on the held-out split
     assert 0.0 < record["method"]["alpha_mean"] < 1.0 and torch.isfinite(torch.tensor(record["loss"]["total"]))
+
+
+# test_vit at a global batch of 8: 27 steps an epoch, so the processes compare notes (every 10 steps) inside it.
+PREEMPTED = [
+    "teach", "--model", "test_vit", "--epochs", "2", "--lr", "0.01", "--set", "train.deterministic=true",
+    "--set", "data.crop_padding=2", "--set", "data.hflip=true", *TINY, "--batch-size", "8", "--set", "data.synthetic.num_train=240",
+]
+
+
+def worker_of_rank(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker process with ``RANK=rank`` (read from /proc)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environment = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher.pid and f"RANK={rank}".encode() in environment:
+            return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path: Path) -> None:
+    run_kdcli(PREEMPTED, tmp_path / "straight", processes=2)
+    launcher_command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdcli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen([*launcher_command, *PREEMPTED, "--out", str(tmp_path / "stopped")], env=env, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(worker_of_rank(launcher, 1), signal.SIGTERM)  # a preempted node: one rank hears it
+    stderr = launcher.communicate(timeout=240)[1]
+    # Each rank's own report is one line (torchrun then reports the exit code 143 of its workers in its own words).
+    lines = [line for line in stderr.splitlines() if line.startswith("kdcli: error: ")]
+    assert lines and all("terminated (SIGTERM): saved the exact training state after step" in line for line in lines), stderr[-3000:]
+    label = read_state_label(tmp_path / "stopped" / "resume.safetensors")
+    assert label.endswith("of epoch 2") and int(label.split()[1].split("/")[0]) % 10 == 0, label
+    one_process = subprocess.run([sys.executable, "-m", "kdcli", "teach", "--resume", str(tmp_path / "stopped")], capture_output=True, text=True, env=env)
+    assert one_process.returncode == 1 and "saved inside an epoch by 2 processes; resume it with 2 processes" in one_process.stderr
+    completed = subprocess.run([*launcher_command, "teach", "--resume", str(tmp_path / "stopped")], capture_output=True, text=True, env=env, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    straight = safetensors.torch.load_file(tmp_path / "straight" / "last.safetensors")
+    resumed = safetensors.torch.load_file(tmp_path / "stopped" / "last.safetensors")
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    assert [record["loss"] for record in read_metrics(tmp_path / "straight")] == [record["loss"] for record in read_metrics(tmp_path / "stopped")]

@@ -297,8 +297,8 @@ def test_restructured_resume_states_end_in_one_line_errors(source_run: Path, tra
 
 
 def train_one_step(trainer: Trainer) -> None:
-    images, targets, index = next(iter(trainer.train_loader))
-    trainer.train_step(Batch(trainer.data.augment(images, torch.Generator().manual_seed(0)), targets, index))
+    inputs, targets, index = next(trainer.train_loader.batches(1, 0))
+    trainer.train_step(Batch(inputs, targets, index, 1))
 
 
 # -- a handful through the real command line -------------------------------------------------

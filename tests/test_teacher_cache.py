@@ -18,7 +18,7 @@ from conftest import TINY, run_cli
 from kdcli.data.augment import BatchAugment, EpochAugmentation
 from kdcli.data.bundle import ImageSplit
 from kdcli.method import Batch
-from kdcli.teacher_cache import CachedTeacher, TeacherCacheError, cache_key, cache_path
+from kdcli.teacher_cache import CachedTeacher, TeacherCacheError, TopKLogits, cache_key, cache_path, table_bytes
 
 NUM_SAMPLES = 50
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -57,7 +57,9 @@ def train_epoch(cache: CachedTeacher, images: torch.Tensor, augment: BatchAugmen
     for index in order.split(batch_size):
         batch = Batch(views(images[index], index), torch.zeros(len(index), dtype=torch.int64), index, epoch)
         served.append((batch.inputs, cache.logits(batch)))
-    return served, cache.on_epoch_end(epoch)
+    stats = cache.on_epoch_end(epoch)
+    assert stats.pop("table_bytes") > 0
+    return served, stats
 
 
 def assert_equals_recomputed(teacher: nn.Module, served: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -109,7 +111,7 @@ def test_batches_that_are_not_training_views_run_the_real_teacher(images: torch.
         torch.testing.assert_close(cache.logits(batch), teacher(batch.inputs), rtol=1e-5, atol=1e-6)  # from the table
         split_pass = Batch(batch.inputs, batch.targets, index)  # a method's pass over a split: no epoch
         torch.testing.assert_close(cache.logits(split_pass), teacher(batch.inputs))
-    assert cache.on_epoch_end(2) == {"hits": 10, "computed": 0}  # only the training batch was served
+    assert cache.on_epoch_end(2) == {"hits": 10, "computed": 0, "table_bytes": NUM_SAMPLES * 5 * 4}  # only the training batch was served
 
 
 def test_more_than_logits_is_a_clear_error(teacher_path: Path) -> None:
@@ -159,3 +161,48 @@ def test_distill_cache_teacher_replays_a_run_exactly(teacher_run: Path, tmp_path
 def test_cache_teacher_needs_a_teacher(tmp_path: Path) -> None:
     result = run_cli("distill", "--method", "standard", "--cache-teacher", "--out", tmp_path / "run", *TINY)
     assert result.exit_code == 2 and "--teacher" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- top-k tables --------------------------------------------------------------------------------------
+
+
+def test_top_k_keeps_the_top_probabilities_and_the_remaining_mass() -> None:
+    logits = 3 * torch.randn(32, 40, generator=torch.Generator().manual_seed(0))
+    codec = TopKLogits(5)
+    decoded = codec.decode(codec.encode(logits), 40)
+    probs, approximate = logits.softmax(dim=1), decoded.softmax(dim=1)
+    top = logits.topk(5, dim=1).indices
+    torch.testing.assert_close(approximate.gather(1, top), probs.gather(1, top))  # exact at temperature 1
+    others = torch.ones_like(probs, dtype=torch.bool).scatter_(1, top, False)
+    tail = approximate[others].view(32, 35)
+    torch.testing.assert_close(tail, tail[:, :1].expand(32, 35))  # the rest of the mass, spread evenly
+    torch.testing.assert_close(decoded.argmax(dim=1), logits.argmax(dim=1))
+    assert torch.equal(TopKLogits(40).decode(TopKLogits(40).encode(logits), 40), logits)  # k = C: exact
+    assert table_bytes(codec.encode(logits)) == 32 * (5 * 4 + 5 * 4 + 4)
+
+
+def test_top_k_tables_fill_and_replay(images: torch.Tensor, teacher_path: Path) -> None:
+    teacher, codec = small_teacher(), TopKLogits(2)
+    new = lambda: CachedTeacher(teacher, teacher_path=teacher_path, key="topk", num_samples=NUM_SAMPLES, per_epoch=True, codec=codec)  # noqa: E731
+    cache = new()
+    served, stats = train_epoch(cache, images, CROP_FLIP, 1, batch_size=16)
+    assert stats == {"hits": 0, "computed": NUM_SAMPLES}
+    assert cache.on_epoch_end(1)["table_bytes"] == NUM_SAMPLES * (2 * 4 + 2 * 4 + 4)  # values, classes, log-partition
+    replayed, stats = train_epoch(new(), images, CROP_FLIP, 1, batch_size=7)
+    assert stats["hits"] == NUM_SAMPLES and stats["computed"] == 0
+    with torch.no_grad():
+        for inputs, logits in replayed:
+            torch.testing.assert_close(logits, codec.decode(codec.encode(teacher(inputs)), 5), rtol=1e-5, atol=1e-5)
+
+
+def test_distill_with_a_top_k_cache(teacher_run: Path, tmp_path: Path) -> None:
+    teacher = tmp_path / "teacher.safetensors"
+    shutil.copy(teacher_run / "last.safetensors", teacher)
+    args = ["--teacher", teacher, "--cache-teacher", "--set", "train.cache_teacher_topk=3", "--epochs", 1, *TINY]
+    for name in ("first", "second"):
+        assert run_cli("distill", *args, "--out", tmp_path / name).exit_code == 0
+    record = json.loads((tmp_path / "second" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["teacher_cache"]["computed"] == 0 and record["teacher_cache"]["hits"] > 0
+    assert 0 < record["teacher_cache"]["table_bytes"] < 480 * 10 * 4  # below the full table's 4 bytes x 10 classes a sample
+    refused = run_cli("distill", "--teacher", teacher, "--set", "train.cache_teacher_topk=3", "--out", tmp_path / "no", *TINY)
+    assert refused.exit_code == 2 and "--cache-teacher" in refused.stderr and not (tmp_path / "no").exists()

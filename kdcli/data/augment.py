@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +169,10 @@ class BatchAugment(torch.nn.Module):
 
     def forward(self, images_uint8: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return self.apply(images_uint8, self.draw(len(images_uint8), generator, images_uint8.device))
+
+    def facts(self) -> dict[str, Any]:
+        """What a view depends on besides (seed, epoch, index): part of a teacher cache's key."""
+        return {"crop_padding": self.crop_padding, "hflip": self.hflip, "rotation": self.rotation}
 
     def extra_repr(self) -> str:
         return f"crop_padding={self.crop_padding}, hflip={self.hflip}, rotation={self.rotation}"

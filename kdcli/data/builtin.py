@@ -37,4 +37,4 @@ def cifar100(request: DataRequest) -> DataBundle:
 def imagefolder(request: DataRequest) -> DataBundle:
     if not request.argument:
         raise UsageError("data set imagefolder needs a path: imagefolder:PATH (with train/ and val/ inside)")
-    return load_imagefolder(Path(request.argument), image_size=request.image_size)
+    return load_imagefolder(Path(request.argument), image_size=request.image_size, **request.streaming)

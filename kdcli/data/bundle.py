@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kdcli.data.recipes import TrainRecipe
+from kdcli.data.stream import FileSplit
 from kdcli.errors import UsageError
 
 
@@ -37,6 +40,13 @@ class ImageSplit:
     def __len__(self) -> int:
         return len(self.targets)
 
+    def digest(self) -> str:
+        """Pixels and labels, hashed: what a teacher's outputs on this split are a function of."""
+        digest = hashlib.blake2b(digest_size=16)
+        for tensor in (self.images, self.targets):
+            digest.update(tensor.contiguous().numpy().data)
+        return digest.hexdigest()
+
     def subset(self, index: Tensor) -> ImageSplit:
         """The samples at ``index`` (int64 positions), in that order."""
         p_star = None if self.p_star is None else self.p_star[index]
@@ -56,6 +66,7 @@ class DataRequest:
     download: bool = False
     image_size: int = 64
     synthetic: dict[str, Any] = field(default_factory=dict)
+    streaming: dict[str, Any] = field(default_factory=dict)  # the streaming path's settings (in_memory, workers, ...)
 
 
 @dataclass(frozen=True)
@@ -67,10 +78,12 @@ class DataBundle:
     input_size: tuple[int, int, int]  # (C, H, W)
     mean: tuple[float, ...]  # per channel, in the [0, 1] pixel scale
     std: tuple[float, ...]
-    train: ImageSplit
-    test: ImageSplit
+    train: ImageSplit | FileSplit
+    test: ImageSplit | FileSplit
     crop_padding: int  # recipe default for random-crop padding; 0 = no crop
     hflip: bool  # recipe default for random horizontal flips
+    recipe: TrainRecipe | None = None  # a streamed set's training view (its splits are FileSplits); None: in memory
+    unreadable: tuple[str, ...] = ()  # training files left out because they do not decode (in memory)
 
 
 def split_train_val(split: ImageSplit, fraction: float, seed: int) -> tuple[ImageSplit, ImageSplit | None]:

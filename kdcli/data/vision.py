@@ -1,7 +1,9 @@
-"""Real image data sets, loaded through torchvision and held whole in memory as uint8 tensors."""
+"""Real image data sets: CIFAR through torchvision, held in memory; image folders in memory or streamed."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -9,6 +11,8 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from kdcli.data.bundle import DataBundle, ImageSplit
+from kdcli.data.recipes import AutoAugment, EvalView, TrainRecipe
+from kdcli.data.stream import UNREADABLE, FileSplit, OnCorrupt, decode_rgb
 from kdcli.errors import KdcliError, UsageError
 
 CIFAR_STATS = {
@@ -62,52 +66,96 @@ def _cifar_split(
     return ImageSplit(images, torch.tensor(dataset.targets, dtype=torch.int64))
 
 
-def load_imagefolder(path: Path, *, image_size: int) -> DataBundle:
-    """An ImageNet-style tree ``path/{train,val}/<class>/<image>``, every image resized and center-cropped.
+def load_imagefolder(
+    path: Path,
+    *,
+    image_size: int,
+    in_memory: bool | str = True,
+    memory_budget_gb: float = 4.0,
+    workers: int | None = None,
+    on_corrupt: OnCorrupt = "skip",
+    crop_pct: float = 0.875,
+    crop_scale_min: float = 0.08,
+    auto_augment: AutoAugment = "none",
+) -> DataBundle:
+    """An ImageNet-style tree ``path/{train,val}/<class>/<image>``, in memory or streamed.
 
-    Each image's short side is resized to ``image_size`` and the center
-    ``image_size`` square is kept. The whole set is decoded once and held in
-    memory as uint8 (Tiny-ImageNet at 64 px: 1.2 GB); full ImageNet needs a
-    streaming path, which this is not. The crop padding default scales the
-    CIFAR recipe (4 px at 32 px) to the image size.
+    In memory (``in_memory=True``, or ``"auto"`` when the decoded set fits
+    ``memory_budget_gb``): every image's short side is resized to ``image_size``,
+    the center square kept, and the whole set held as uint8 (Tiny-ImageNet at
+    64 px: 1.2 GB); training then uses the CIFAR-style crop + flip, its padding
+    scaled to the image size.  Streamed: files are decoded in ``workers``
+    processes with the ImageNet recipes (``kdcli.data.recipes``).
     """
-    train_root, val_root = Path(path) / "train", Path(path) / "val"
+    train_set, val_set = _scan(Path(path))
+    decoded = (len(train_set) + len(val_set)) * 3 * image_size**2
+    if in_memory is True or (in_memory == "auto" and decoded <= memory_budget_gb * 2**30):
+        (train, unreadable), (test, _) = (_decode_all(dataset, image_size, skip=on_corrupt == "skip" and dataset is train_set) for dataset in (train_set, val_set))
+        return replace(_bundle(len(train_set.classes), image_size, train, test), unreadable=unreadable)
+    view = EvalView(image_size, crop_pct)
+    count = min(8, os.cpu_count() or 1) if workers is None else workers
+    train, test = (_file_split(dataset, view, count, on_corrupt) for dataset in (train_set, val_set))
+    recipe = TrainRecipe(image_size, IMAGENET_MEAN, IMAGENET_STD, scale=(crop_scale_min, 1.0), auto_augment=auto_augment)
+    return _bundle(len(train_set.classes), image_size, train, test, recipe)
+
+
+def _scan(path: Path) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
+    train_root, val_root = path / "train", path / "val"
     for folder in (train_root, val_root):
         if not folder.is_dir():
             raise KdcliError(f"image folder {path} has no {folder.name}/ sub-folder (needs train/ and val/)")
-    train_set, val_set = (_image_folder(folder, image_size) for folder in (train_root, val_root))
+    train_set, val_set = (_image_folder(folder) for folder in (train_root, val_root))
     if val_set.classes != train_set.classes:
         raise KdcliError(
             f"{val_root} holds other class folders than {train_root}; val/ needs one folder per train/ class"
             " (Tiny-ImageNet: sort val/images into class folders by val_annotations.txt first)"
         )
+    return train_set, val_set
+
+
+def _bundle(
+    num_classes: int, image_size: int, train: ImageSplit | FileSplit, test: ImageSplit | FileSplit, recipe: TrainRecipe | None = None
+) -> DataBundle:
     return DataBundle(
         name="imagefolder",
-        num_classes=len(train_set.classes),
+        num_classes=num_classes,
         input_size=(3, image_size, image_size),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        train=_decode_all(train_set, image_size),
-        test=_decode_all(val_set, image_size),
+        train=train,
+        test=test,
         crop_padding=image_size // 8,
         hflip=True,
+        recipe=recipe,
     )
 
 
-def _image_folder(folder: Path, image_size: int) -> datasets.ImageFolder:
-    # Decoding stays with ImageFolder's PIL loader: torchvision.io's decoders are deprecated since 0.29.
-    resize = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), v2.PILToTensor()])
+def _file_split(dataset: datasets.ImageFolder, view: EvalView, workers: int, on_corrupt: OnCorrupt) -> FileSplit:
+    files = tuple(file for file, _ in dataset.samples)
+    return FileSplit(files, torch.tensor(dataset.targets, dtype=torch.int64), view, workers, on_corrupt)
+
+
+def _image_folder(folder: Path) -> datasets.ImageFolder:
     try:
-        return datasets.ImageFolder(str(folder), transform=resize)
+        return datasets.ImageFolder(str(folder))
     except FileNotFoundError as error:  # no class folders, or no images in one
         raise KdcliError(f"no images found in {folder}: {error}") from error
 
 
-def _decode_all(dataset: datasets.ImageFolder, image_size: int) -> ImageSplit:
+def _decode_all(dataset: datasets.ImageFolder, image_size: int, *, skip: bool) -> tuple[ImageSplit, tuple[str, ...]]:
+    """Every image decoded and center-cropped; with ``skip`` files that do not decode are left out and named."""
+    # Decoding stays with PIL: torchvision.io's decoders are deprecated since 0.29.
+    resize = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), v2.PILToTensor()])
     images = torch.empty(len(dataset), 3, image_size, image_size, dtype=torch.uint8)
+    kept, unreadable = [], []
     for position, (file, _) in enumerate(dataset.samples):
         try:
-            images[position] = dataset[position][0]
-        except OSError as error:  # PIL cannot identify or read the file
-            raise KdcliError(f"cannot decode image {file}: {error}") from error
-    return ImageSplit(images, torch.tensor(dataset.targets, dtype=torch.int64))
+            images[len(kept)] = resize(decode_rgb(file))
+        except UNREADABLE as error:  # PIL cannot identify or read the file
+            if not skip:
+                raise KdcliError(f"cannot decode image {file}: {' '.join(str(error).split())}") from None
+            unreadable.append(file)
+            continue
+        kept.append(position)
+    targets = torch.tensor(dataset.targets, dtype=torch.int64)[kept]
+    return ImageSplit(images[: len(kept)], targets), tuple(unreadable)

@@ -12,19 +12,19 @@ from torch import nn
 
 from kdcli.checkpoint import CheckpointInfo, read_checkpoint_info
 from kdcli.config import RunConfig, format_validation_error
-from kdcli.data.augment import EpochAugmentation, normalize
+from kdcli.data.augment import BatchAugment, EpochAugmentation, normalize
 from kdcli.data.bundle import DataBundle
-from kdcli.data.loader import BatchLoader
+from kdcli.data.loading import split_loader
 from kdcli.engine import EpochObserver, Trainer, TrainingData, training_loader
 from kdcli.errors import UsageError
-from kdcli.jobs.common import new_model, training_data
-from kdcli.method import Method, MethodContext, MethodParams
+from kdcli.jobs.common import TIMM_PREFIX, is_timm_teacher, new_model, training_data
+from kdcli.method import Method, MethodContext, MethodError, MethodParams
 from kdcli.registry import get_method
 from kdcli.rundir import RunDir
 from kdcli.runtime import Runtime
 from kdcli.step import Batch
-from kdcli.teacher import FrozenTeacher
-from kdcli.teacher_cache import CachedTeacher, cache_key
+from kdcli.teacher import FrozenTeacher, Normalization, Renormalization
+from kdcli.teacher_cache import CachedTeacher, FullLogits, TopKLogits, cache_key
 
 DEFAULT_MODELS = {"teach": "cifar_resnet20", "distill": "cifar_resnet8"}
 
@@ -59,8 +59,15 @@ def resolve_run(config: RunConfig) -> RunSpec:
         raise UsageError(f"method {name!r} needs a teacher{note}: pass --teacher CKPT.safetensors")
     if method_cls.teacher_use == "none" and config.teacher is not None:
         raise UsageError(f"method {name!r} uses no teacher network{note}; drop --teacher")
+    if config.train.cache_teacher_topk is not None and not config.train.cache_teacher:
+        raise UsageError("train.cache_teacher_topk sets what the teacher cache keeps; add --cache-teacher")
     if config.train.cache_teacher and config.teacher is None:
         raise UsageError("train.cache_teacher (--cache-teacher) caches a teacher's outputs; pass --teacher CKPT.safetensors")
+    if config.train.cache_teacher and is_timm_teacher(config.teacher):
+        raise UsageError(
+            "--cache-teacher keeps its tables beside the teacher's checkpoint file, and a timm:NAME teacher has none: "
+            "drop --cache-teacher"
+        )
     try:
         params = method_cls.Params.model_validate(config.method.params)
     except ValidationError as exc:
@@ -77,7 +84,12 @@ def resolve_run(config: RunConfig) -> RunSpec:
 
 def _default_model(config: RunConfig, method_cls: type[Method]) -> str:
     """The student when none is named: the method's choice, else the job's default."""
-    teacher_arch = read_checkpoint_info(config.teacher).arch if config.teacher is not None else None
+    if config.teacher is None:
+        teacher_arch = None
+    elif is_timm_teacher(config.teacher):
+        teacher_arch = str(config.teacher).removeprefix(TIMM_PREFIX)
+    else:
+        teacher_arch = read_checkpoint_info(config.teacher).arch
     return method_cls.default_model(teacher_arch=teacher_arch) or DEFAULT_MODELS[config.job]
 
 
@@ -89,7 +101,9 @@ def method_context(config: RunConfig, data: TrainingData, runtime: Runtime, num_
         samples = splits[split]
         if samples is None:
             raise UsageError("this method needs a validation split: set data.val_split above 0")
-        loader = BatchLoader(samples, batch_size=batch_size or train.batch_size, shuffle=shuffle, device=runtime.device, seed=seed)
+        if augment and not isinstance(data.augment, BatchAugment):
+            raise MethodError("this method asks for augmented passes over a split, which streamed data sets do not offer yet")
+        loader = split_loader(samples, batch_size=batch_size or train.batch_size, shuffle=shuffle, device=runtime.device, seed=seed)
         augmentation = EpochAugmentation(data.augment, len(samples), seed, runtime.device) if augment else None
         for images, targets, index in loader:
             inputs = normalize(images, data.mean, data.std) if augmentation is None else augmentation(images, index)
@@ -99,7 +113,7 @@ def method_context(config: RunConfig, data: TrainingData, runtime: Runtime, num_
         num_classes=num_classes,
         num_train=len(data.train),
         epochs=train.epochs,
-        steps_per_epoch=len(training_loader(data.train, train, runtime)),
+        steps_per_epoch=len(training_loader(data, train, runtime)),
         device=runtime.device,
         mean=data.mean,
         std=data.std,
@@ -107,23 +121,31 @@ def method_context(config: RunConfig, data: TrainingData, runtime: Runtime, num_
         all_gather=runtime.all_gather,
         batches=batches,
         has_val=data.val is not None,
-        input_size=tuple(data.train.images.shape[1:]),
+        input_size=data.input_size,
     )
 
 
-def teacher_source(network: nn.Module, config: RunConfig, data: TrainingData, runtime: Runtime) -> FrozenTeacher:
-    """The frozen teacher on the training device; behind a table of its logits with ``train.cache_teacher``."""
+def teacher_source(
+    network: nn.Module, config: RunConfig, data: TrainingData, runtime: Runtime, normalization: Normalization | None = None
+) -> FrozenTeacher:
+    """The frozen teacher on the training device, fed in its own ``normalization`` (None: the data set's);
+    behind a table of its logits with ``train.cache_teacher``."""
     network = runtime.place(network, config.train)
+    own = normalization is not None and tuple(map(tuple, normalization)) != (tuple(data.mean), tuple(data.std))
+    renormalize = Renormalization((data.mean, data.std), normalization) if own else None
     if not config.train.cache_teacher:
-        return FrozenTeacher(network)
+        return FrozenTeacher(network, renormalize)
     assert config.teacher is not None  # RunConfig refuses a cache without a teacher
-    key = cache_key(config.teacher, data.train, data.augment, seed=config.train.seed, precision=str(runtime.autocast_dtype))
+    topk = config.train.cache_teacher_topk
+    key = cache_key(config.teacher, data.train, data.augment, seed=config.train.seed, precision=str(runtime.autocast_dtype), topk=topk)
     return CachedTeacher(
         network,
         teacher_path=config.teacher,
         key=key,
         num_samples=len(data.train),
         per_epoch=data.augment.is_random,
+        codec=FullLogits() if topk is None else TopKLogits(topk),
+        renormalize=renormalize,
         all_reduce_sum=runtime.all_reduce_sum,
         writes=runtime.is_main,
     )
@@ -155,14 +177,24 @@ class TrainingParts:
 
 
 def build_training(
-    spec: RunSpec, bundle: DataBundle, teacher: nn.Module | None, runtime: Runtime, run_dir: RunDir, *, show_progress: bool
+    spec: RunSpec,
+    bundle: DataBundle,
+    teacher: nn.Module | None,
+    runtime: Runtime,
+    run_dir: RunDir,
+    *,
+    show_progress: bool,
+    teacher_normalization: Normalization | None = None,
 ) -> TrainingParts:
-    """Student, teacher source, method and trainer; the student draws its initialization from the run's seed."""
+    """Student, teacher source, method and trainer; the student draws its initialization from the run's seed.
+
+    ``teacher_normalization``: the (mean, std) the teacher was trained with (None: the data set's).
+    """
     config = spec.config
     torch.manual_seed(config.train.seed)
     student = runtime.place(new_model(spec.model_name, num_classes=bundle.num_classes, input_size=bundle.input_size), config.train)
     data = training_data(bundle, config.data)
-    source = None if teacher is None else teacher_source(teacher, config, data, runtime)
+    source = None if teacher is None else teacher_source(teacher, config, data, runtime, teacher_normalization)
     method = spec.method(spec.params, student=student, teacher=source, context=method_context(config, data, runtime, bundle.num_classes))
     observers: dict[str, EpochObserver] = {"teacher_cache": source} if isinstance(source, CachedTeacher) else {}
     trainer = Trainer(

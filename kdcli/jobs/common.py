@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import timm
@@ -19,13 +20,16 @@ from kdcli.errors import KdcliError, UsageError, first_line, unknown_name
 from kdcli.models import create_model
 from kdcli.registry import get_dataset_builder, load_model_plugins, model_plugin_failures
 
+TIMM_PREFIX = "timm:"
+
 
 def load_data(config: DataConfig) -> DataBundle:
     """``--data NAME[:ARG]`` through the ``kdcli.datasets`` entry points."""
     name, _, argument = config.name.partition(":")
+    streaming = config.model_dump(include={"in_memory", "memory_budget_gb", "workers", "on_corrupt", "crop_pct", "crop_scale_min", "auto_augment"})
     request = DataRequest(
         argument=argument or None, root=config.root, download=config.download, image_size=config.image_size,
-        synthetic=config.synthetic.model_dump(),
+        synthetic=config.synthetic.model_dump(), streaming=streaming,
     )
     try:
         return get_dataset_builder(name)(request)
@@ -36,6 +40,9 @@ def load_data(config: DataConfig) -> DataBundle:
 
 def training_data(bundle: DataBundle, config: DataConfig) -> TrainingData:
     train, val = split_train_val(bundle.train, config.val_split, config.split_seed)
+    if bundle.recipe is not None:
+        recipe = bundle.recipe if config.hflip is None else replace(bundle.recipe, hflip=config.hflip)
+        return TrainingData(train=train, val=val, augment=recipe, mean=bundle.mean, std=bundle.std, input_size=bundle.input_size)
     augment = BatchAugment(
         bundle.mean,
         bundle.std,
@@ -43,7 +50,7 @@ def training_data(bundle: DataBundle, config: DataConfig) -> TrainingData:
         hflip=bundle.hflip if config.hflip is None else config.hflip,
         rotation=config.rotation,
     )
-    return TrainingData(train=train, val=val, augment=augment, mean=bundle.mean, std=bundle.std)
+    return TrainingData(train=train, val=val, augment=augment, mean=bundle.mean, std=bundle.std, input_size=bundle.input_size)
 
 
 def evaluation_split(bundle: DataBundle, config: DataConfig, split: str) -> ImageSplit:
@@ -58,13 +65,17 @@ def evaluation_split(bundle: DataBundle, config: DataConfig, split: str) -> Imag
     return train
 
 
-def check_fits(info: CheckpointInfo, bundle: DataBundle, source: Path) -> None:
-    """A checkpoint must predict this data set's classes from inputs of its shape."""
+def check_fits(info: CheckpointInfo, bundle: DataBundle, source: Path, *, any_image_size: bool = False) -> None:
+    """A checkpoint must predict this data set's classes from inputs of its shape.
+
+    ``any_image_size``: a pretrained timm model takes any height and width, only its channels must agree.
+    """
     if info.num_classes != bundle.num_classes:
         raise UsageError(
             f"{source} predicts {info.num_classes} classes but data set {bundle.name} has {bundle.num_classes}"
         )
-    if tuple(info.input_size) != tuple(bundle.input_size):
+    compared = slice(0, 1) if any_image_size else slice(None)
+    if tuple(info.input_size)[compared] != tuple(bundle.input_size)[compared]:
         raise UsageError(
             f"{source} expects inputs of shape {tuple(info.input_size)} but data set {bundle.name} "
             f"has {tuple(bundle.input_size)}"
@@ -91,6 +102,48 @@ def new_model(name: str, *, num_classes: int, input_size: tuple[int, int, int]) 
     """An untrained ``name`` (a timm model, or one a model plugin registers)."""
     require_model(name)
     return create_model(name, num_classes=num_classes, input_size=input_size)
+
+
+def is_timm_teacher(reference: Path | str) -> bool:
+    """``timm:NAME``: a pretrained timm model instead of a kdcli checkpoint file."""
+    return str(reference).startswith(TIMM_PREFIX)
+
+
+def load_teacher(reference: Path) -> tuple[nn.Module, CheckpointInfo]:
+    """The teacher a run names: a kdcli checkpoint file, or ``timm:NAME`` with timm's pretrained weights."""
+    if is_timm_teacher(reference):
+        return pretrained_timm_model(str(reference).removeprefix(TIMM_PREFIX))
+    return model_from_checkpoint(reference)
+
+
+def pretrained_timm_model(name: str) -> tuple[nn.Module, CheckpointInfo]:
+    """``timm.create_model(name, pretrained=True)`` with what its pretrained config says about its inputs.
+
+    NAME is anything timm accepts (``resnet50.a1_in1k``, ``hf-hub:ORG/REPO``,
+    ``local-dir:PATH``); weights come from the Hugging Face cache when present.
+    """
+    if not name:
+        raise UsageError("a timm teacher needs a model name: timm:NAME (e.g. timm:resnet50.a1_in1k or timm:local-dir:PATH)")
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except Exception as exc:  # unknown names, missing weights offline, hub and file errors: all end the same way
+        fetch = f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\""
+        raise KdcliError(
+            f"cannot load the pretrained timm teacher {name} ({first_line(exc)}); fetch its weights once where the "
+            f"network is reachable ({fetch} fills the Hugging Face cache) or give timm:local-dir:PATH"
+        ) from None
+    config = model.pretrained_cfg
+    channels = int(config.get("input_size", (3,))[0])
+    info = CheckpointInfo(
+        arch=str(config.get("architecture", name)),
+        num_classes=model.num_classes,
+        input_size=tuple(int(value) for value in config.get("input_size", (channels, 224, 224))),
+        mean=tuple(float(value) for value in config.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(float(value) for value in config.get("std", (0.229, 0.224, 0.225))),
+        method="pretrained",
+        epoch=0,
+    )
+    return model, info
 
 
 def model_from_checkpoint(path: Path) -> tuple[nn.Module, CheckpointInfo]:

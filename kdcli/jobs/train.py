@@ -14,12 +14,13 @@ from kdcli.config import RunConfig, load_resolved_config
 from kdcli.data.bundle import DataBundle, ImageSplit
 from kdcli.inference import predict
 from kdcli.jobs.build import RunSpec, TrainingParts, build_training, resolve_run
-from kdcli.jobs.common import check_fits, load_data, model_from_checkpoint, require_model
+from kdcli.jobs.common import check_fits, is_timm_teacher, load_data, load_teacher, require_model
 from kdcli.jobs.teacher_relation import TeacherRelation
 from kdcli.metrics import classification_report, topk_accuracy
 from kdcli.errors import UsageError
 from kdcli.rundir import RunDir, RunDirExists, existing_run_dir, prepare_run_dir
 from kdcli.runtime import Runtime, runtime_for
+from kdcli.teacher import Normalization
 
 Notify = Callable[[str], None]  # where a job's notes go (the CLI prints them on stderr)
 
@@ -125,18 +126,21 @@ def train(
     config = spec.config
     require_model(spec.model_name)
     bundle = bundle if bundle is not None else load_data(config.data)
+    if bundle.unreadable and notify is not None:
+        notify(f"warning: left out {len(bundle.unreadable)} training images that do not decode, e.g. {bundle.unreadable[0]}")
     teacher, teacher_info = None, None
     if config.teacher is not None:
-        teacher, teacher_info = model_from_checkpoint(config.teacher)
-        check_fits(teacher_info, bundle, config.teacher)
+        teacher, teacher_info = load_teacher(config.teacher)
+        check_fits(teacher_info, bundle, config.teacher, any_image_size=is_timm_teacher(config.teacher))
     with runtime_for(config.train) as runtime:
         run_dir = _open_run_dir(out, config, runtime, resume=resume, overwrite=overwrite)
-        parts = build_training(spec, bundle, teacher, runtime, run_dir, show_progress=show_progress)
+        normalization = None if teacher_info is None else (teacher_info.mean, teacher_info.std)
+        parts = build_training(spec, bundle, teacher, runtime, run_dir, show_progress=show_progress, teacher_normalization=normalization)
         if resume:
             parts.trainer.resume()
         teacher_clean = None
         if parts.teacher is not None and teacher_info is not None:
-            teacher_clean = check_teacher(parts.teacher.network, teacher_info.arch, parts, bundle, runtime)
+            teacher_clean = check_teacher(parts.teacher.network, teacher_info, parts, bundle, runtime)
             for line in teacher_clean.lines(verbose=show_progress) if runtime.is_main and notify else []:
                 notify(line)
         history = parts.trainer.fit()
@@ -160,18 +164,19 @@ def _open_run_dir(out: Path, config: RunConfig, runtime: Runtime, *, resume: boo
     return run_dir
 
 
-def check_teacher(teacher: nn.Module, arch: str, parts: TrainingParts, bundle: DataBundle, runtime: Runtime) -> TeacherCheck:
-    """Clean top-1 on the run's validation split (the test split when there is none)."""
+def check_teacher(teacher: nn.Module, info: CheckpointInfo, parts: TrainingParts, bundle: DataBundle, runtime: Runtime) -> TeacherCheck:
+    """Clean top-1 on the run's validation split (the test split when there is none), in the teacher's normalization."""
     config = parts.trainer.config
     split, samples = ("val", parts.data.val) if parts.data.val is not None else ("test", bundle.test)
-    logits = _logits(teacher, samples, bundle, runtime, config.train.eval_batch_size)
+    logits = _logits(teacher, samples, (info.mean, info.std), runtime, config.train.eval_batch_size)
     chance = 1.0 / bundle.num_classes
     min_top1 = config.teacher_min_top1 if config.teacher_min_top1 is not None else (1.0 + chance) / 2
-    return TeacherCheck(arch=arch, split=split, top1=topk_accuracy(logits, samples.targets, 1), min_top1=min_top1)
+    return TeacherCheck(arch=info.arch, split=split, top1=topk_accuracy(logits, samples.targets, 1), min_top1=min_top1)
 
 
-def _logits(model: nn.Module, samples: ImageSplit, bundle: DataBundle, runtime: Runtime, batch_size: int) -> Any:
-    return predict(model, samples, mean=bundle.mean, std=bundle.std, device=runtime.device, batch_size=batch_size)
+def _logits(model: nn.Module, samples: ImageSplit, normalization: Normalization, runtime: Runtime, batch_size: int) -> Any:
+    mean, std = normalization
+    return predict(model, samples, mean=mean, std=std, device=runtime.device, batch_size=batch_size)
 
 
 def _summarize(
@@ -189,11 +194,12 @@ def _summarize(
     if config.train.keep_best:
         trainer.student.load_state_dict(load_checkpoint(run_dir.best_path)[0])
     batch_size = config.train.eval_batch_size
-    test = classification_report(_logits(trainer.student, bundle.test, bundle, runtime, batch_size), bundle.test.targets)
+    test = classification_report(_logits(trainer.student, bundle.test, (bundle.mean, bundle.std), runtime, batch_size), bundle.test.targets)
     teacher_test, relation = None, None
     if parts.teacher is not None and teacher_info is not None:
         teacher = parts.teacher.network
-        teacher_test = classification_report(_logits(teacher, bundle.test, bundle, runtime, batch_size), bundle.test.targets)
+        own = (teacher_info.mean, teacher_info.std)
+        teacher_test = classification_report(_logits(teacher, bundle.test, own, runtime, batch_size), bundle.test.targets)
         relation = TeacherRelation.of(teacher, teacher_info, trainer.student, spec.model_name, teacher_test["top1"], test["top1"])
     return TrainingSummary(
         run_dir=run_dir.root,

@@ -1,0 +1,141 @@
+"""The streaming path: real JPEG/PNG files of every mode and size, decoded in workers, replayable, resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from kdcli.data.bundle import ImageSplit
+from kdcli.data.loading import training_epochs
+from kdcli.data.recipes import TrainRecipe
+from kdcli.data.stream import FileSplit, StreamingLoader
+from kdcli.data.vision import IMAGENET_MEAN, IMAGENET_STD, load_imagefolder
+from kdcli.config import build_config
+from kdcli.engine import Trainer
+from kdcli.jobs.build import resolve_run
+from kdcli.errors import KdcliError
+
+CPU = torch.device("cpu")
+SIZES = [(40, 30), (64, 80), (100, 50), (33, 33), (120, 90), (48, 64)]
+MODES = [("RGB", "JPEG", ".jpg"), ("L", "JPEG", ".jpg"), ("CMYK", "JPEG", ".jpg"), ("RGBA", "PNG", ".png"), ("P", "PNG", ".png"), ("RGB", "PNG", ".png")]
+
+
+def write_image(path: Path, size: tuple[int, int], mode: str, file_format: str, colour: int, seed: int) -> None:
+    """A noisy image whose dominant channel is its class's: learnable, yet every file differs."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 90, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+    pixels[..., colour] += 150
+    image = Image.fromarray(pixels.numpy(), "RGB")
+    image = image.convert("P", palette=Image.Palette.ADAPTIVE) if mode == "P" else image.convert(mode)
+    image.save(path, file_format)
+
+
+def write_folder(root: Path, per_class: int = 12, corrupt: bool = True) -> Path:
+    for split, count in (("train", per_class), ("val", 4)):
+        for colour, name in enumerate(("red", "green", "blue")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for number in range(count):
+                mode, file_format, suffix = MODES[number % len(MODES)]
+                write_image(folder / f"{number}{suffix}", SIZES[number % len(SIZES)], mode, file_format, colour, seed=hash((split, name, number)) % 2**31)
+    if corrupt:
+        (root / "train" / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("photos"))
+
+
+def test_every_mode_and_size_decodes_and_a_corrupt_file_is_counted(folder: Path) -> None:
+    bundle = load_imagefolder(folder, image_size=24, in_memory=False, workers=0)
+    assert isinstance(bundle.train, FileSplit) and len(bundle.train) == 37 and bundle.recipe is not None
+    images, targets, index = next(iter(StreamingLoader(bundle.test, batch_size=12, shuffle=False, device=CPU)))
+    assert images.shape == (12, 3, 24, 24) and images.dtype == torch.uint8 and torch.equal(index, torch.arange(12))
+    epochs = training_epochs(bundle.train, bundle.recipe, batch_size=8, device=CPU, seed=0)
+    seen = sum(len(batch_index) for _, _, batch_index in epochs.batches(1, 0))
+    assert seen == 36 and epochs.epoch_stats() == {"corrupt_skipped": 1}
+    stopping = load_imagefolder(folder, image_size=24, in_memory=False, workers=0, on_corrupt="stop")
+    with pytest.raises(KdcliError) as caught:
+        list(training_epochs(stopping.train, stopping.recipe, batch_size=8, device=CPU, seed=0).batches(1, 0))
+    assert "broken.jpg" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def views(split: FileSplit, epoch: int, *, workers: int, batch_size: int) -> dict[int, torch.Tensor]:
+    recipe = TrainRecipe(24, IMAGENET_MEAN, IMAGENET_STD, auto_augment="trivial")
+    loader = StreamingLoader(FileSplit(split.files, split.targets, split.view, workers), batch_size=batch_size, shuffle=True, device=CPU, recipe=recipe)
+    loader.set_epoch(epoch)
+    return {int(i): image for images, _, index in loader.iterate(0, skip_corrupt=True) for i, image in zip(index, images)}
+
+
+def test_a_view_depends_on_seed_epoch_and_index_only(folder: Path) -> None:
+    split = load_imagefolder(folder, image_size=24, in_memory=False, workers=0).train
+    one = views(split, 1, workers=0, batch_size=4)
+    other = views(split, 1, workers=2, batch_size=5)
+    shared = one.keys() & other.keys()  # a last batch of one sample is dropped, so either may miss one
+    assert len(shared) >= len(split) - 3 and all(torch.equal(one[i], other[i]) for i in shared)
+    later = views(split, 2, workers=0, batch_size=4)
+    assert sum(not torch.equal(one[i], later[i]) for i in one) > len(one) // 2  # a new epoch, new crops
+
+
+def test_auto_streams_only_above_the_memory_budget(folder: Path) -> None:
+    assert isinstance(load_imagefolder(folder, image_size=24, in_memory="auto").train, ImageSplit)
+    assert isinstance(load_imagefolder(folder, image_size=24, in_memory="auto", memory_budget_gb=1e-6, on_corrupt="skip").train, FileSplit)
+
+
+STREAMED = ["--data", None, "--set", "data.in_memory=false", "--set", "data.image_size=24", "--set", "data.workers=2",
+            "--set", "data.val_split=0.2", "--set", "train.deterministic=true", "--batch-size", "8", "--model", "cifar_resnet8", "-q"]
+
+
+def streamed(folder: Path, *extra: object) -> list[object]:
+    return [str(folder) if value is None else value for value in STREAMED] + list(extra)
+
+
+def test_teach_streamed_resumes_inside_an_epoch_exactly(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = streamed(f"imagefolder:{folder}", "--epochs", 2)
+    assert run_cli("teach", *args, "--out", tmp_path / "straight").exit_code == 0
+    original, calls = Trainer.train_step, []
+
+    def interrupted_step(self: Trainer, batch: object) -> object:
+        calls.append(1)
+        if len(calls) == 6:  # epoch 2, step 2 of 4: the loop saves the exact state before its next step
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", interrupted_step)
+        stopped = run_cli("teach", *args, "--out", tmp_path / "resumed")
+    assert stopped.exit_code == 130 and "step 2/4 of epoch 2" in stopped.stderr, stopped
+    assert run_cli("teach", "--resume", tmp_path / "resumed", "-q").exit_code == 0
+    straight, resumed = (safetensors.torch.load_file(tmp_path / run / "last.safetensors") for run in ("straight", "resumed"))
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    record = json.loads((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["data"] == {"corrupt_skipped": 1}
+
+
+def test_distill_streamed_with_a_cached_teacher(folder: Path, tmp_path: Path) -> None:
+    assert run_cli("teach", *streamed(f"imagefolder:{folder}", "--epochs", 1), "--out", tmp_path / "teacher").exit_code == 0
+    args = streamed(f"imagefolder:{folder}", "--epochs", 2, "--teacher", tmp_path / "teacher" / "last.safetensors", "--cache-teacher")
+    for name in ("first", "second"):
+        assert run_cli("distill", *args, "--out", tmp_path / name).exit_code == 0
+    records = [json.loads(line) for line in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
+    assert all(record["teacher_cache"]["computed"] == 0 and record["teacher_cache"]["hits"] > 0 for record in records)
+    first, second = (safetensors.torch.load_file(tmp_path / run / "last.safetensors") for run in ("first", "second"))
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).parent.parent / "examples" / "imagenet").glob("*.toml")), ids=lambda path: path.stem)
+def test_imagenet_recipes_resolve(config: Path) -> None:
+    job = "teach" if "soteacher" in config.stem else "distill"
+    flags = {"job": job} if job == "teach" or "timm:" in config.read_text() else {"job": job, "teacher": "timm:resnet34.tv_in1k"}
+    spec = resolve_run(build_config(file=config, flags=flags))
+    assert spec.config.data.name.startswith("imagefolder:") and spec.model_name.startswith("resnet")
