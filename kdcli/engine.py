@@ -18,7 +18,7 @@ from typing import Any, NoReturn, Protocol
 import torch
 from torch import nn
 
-from kdcli.checkpoint import CheckpointInfo, WriteFailed, load_state, read_state_label, save_checkpoint, save_state
+from kdcli.checkpoint import CheckpointInfo, WriteFailed, atomic_write_bytes, load_state, read_state_label, save_checkpoint, save_state
 from kdcli.config import RunConfig, TrainConfig
 from kdcli.data.augment import normalize
 from kdcli.data.loading import Augment, EpochBatches, Split, split_loader, training_epochs
@@ -117,7 +117,15 @@ class Trainer:
         if not path.exists():
             self.console.note(f"{self.run_dir.root} has no saved training state yet: starting at epoch 1 with its saved config")
             return
-        self.restore(load_state(path), path)
+        state = load_state(path)
+        if (saved_by := _processes_inside_epoch(state)) not in (None, self.runtime.world_size):
+            path = self.run_dir.boundary_resume_path
+            where = "the last epoch boundary" if path.exists() else "epoch 1"
+            self.console.note(f"the state inside an epoch was saved by {saved_by} processes and this run has {self.runtime.world_size}: resuming from {where}")
+            if not path.exists():
+                return
+            state = load_state(path)
+        self.restore(state, path)
         if self.position is None and self.history and self.runtime.is_main:
             # A crash between writing the resume state and the files after it leaves those one epoch behind.
             epoch = self.history[-1]["epoch"]
@@ -284,6 +292,8 @@ class Trainer:
         position = self.resume_state.position(epoch, tally)
         if self.runtime.is_main:
             with self._writing():
+                if self.run_dir.resume_path.exists():  # the epoch boundary, for a resume with another world size
+                    atomic_write_bytes(self.run_dir.boundary_resume_path, self.run_dir.resume_path.read_bytes())
                 save_state(self.run_dir.resume_path, self.resume_state.build(epoch - 1, self.history, self.best, position), label=label)
         self.runtime.barrier()  # no process leaves before the state is on disk
         last = f"{self.run_dir.last_path} holds epoch {epoch - 1}" if self.history else "no epoch is complete yet"
@@ -320,6 +330,7 @@ class Trainer:
             return
         with self._writing():
             save_state(self.run_dir.resume_path, self.resume_state.build(epoch, self.history, self.best), label=f"epoch {epoch}")
+            self.run_dir.boundary_resume_path.unlink(missing_ok=True)  # an older boundary than the state just saved
             self._write_epoch_files(epoch, record, improved=improved)
 
     def _write_epoch_files(self, epoch: int, record: dict[str, Any], *, improved: bool) -> None:
@@ -332,3 +343,12 @@ class Trainer:
         if epoch % self.config.train.save_every == 0 or epoch == self.config.train.epochs:
             save_checkpoint(self.run_dir.epoch_checkpoint(epoch), weights, info)
         self.run_dir.write_history(self.history)
+
+
+def _processes_inside_epoch(state: Any) -> int | None:
+    """How many processes saved ``state`` inside an epoch (None: saved at an epoch boundary, or unreadable)."""
+    position = state.get("position") if isinstance(state, dict) else None
+    if not isinstance(position, dict):
+        return None
+    ranks = position.get("ranks")
+    return len(ranks) if isinstance(ranks, list) else 1

@@ -149,12 +149,9 @@ class ResumeState:
             return f"position is not inside epoch {epoch + 1}"
         ranks = position.get("ranks")
         if ranks is None:
-            if self.runtime.distributed:
-                return "it was saved inside an epoch by a single process; resume it without torchrun"
             return self._entry_problem({key: value for key, value in position.items() if key != "epoch"}, "position", with_method=False)
-        count = len(ranks) if isinstance(ranks, list) else 0
-        if count != self.runtime.world_size:
-            return f"it was saved inside an epoch by {count} processes; resume it with {count} processes"
+        if not isinstance(ranks, list) or len(ranks) != self.runtime.world_size:
+            return f"position/ranks should hold one entry for each of {self.runtime.world_size} processes"
         return next((found for rank, entry in enumerate(ranks) if (found := self._entry_problem(entry, f"position/ranks/{rank}", with_method=True))), None)
 
     def _entry_problem(self, entry: Any, where: str, *, with_method: bool) -> str | None:

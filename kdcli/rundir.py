@@ -43,6 +43,11 @@ class RunDir:
         return self.root / "resume.safetensors"
 
     @property
+    def boundary_resume_path(self) -> Path:
+        """The last epoch boundary's resume state, kept while ``resume_path`` holds a state inside the next epoch."""
+        return self.root / "resume-epoch.safetensors"
+
+    @property
     def checkpoints_dir(self) -> Path:
         return self.root / "checkpoints"
 

@@ -253,7 +253,7 @@ def test_class_means_come_from_the_training_split_and_its_labels(refresh: str) -
     train = random_split(60, torch.arange(60) % classes, seed=0)
     val = random_split(20, torch.zeros(20, dtype=torch.int64), seed=1)  # every val label 0: would shift T̄_0
     mean, std = (0.5,) * 3, (0.25,) * 3
-    data = TrainingData(train=train, val=val, augment=BatchAugment(mean, std, crop_padding=0, hflip=False), mean=mean, std=std)
+    data = TrainingData(train=train, val=val, augment=BatchAugment(mean, std, crop_padding=0, hflip=False), mean=mean, std=std, input_size=(3, 8, 8))
     config = RunConfig.model_validate({"train": {"batch_size": 16}})
     context = method_context(config, data, Runtime(device=CPU, autocast_dtype=None), classes)
     torch.manual_seed(0)
