@@ -251,7 +251,7 @@ OFFICIAL = {
 }
 
 
-# timm names where timm has the architecture; a placeholder where it does not (see the config).
+# timm names; cifar_shufflenetv2 is the CIFAR zoo's (RepDistiller's ShuffleV2; see the config).
 TIMM_NAMES = {"mobilenetv2": "mobilenetv2_100", "shufflenetv2": "cifar_shufflenetv2", "resnet18": "resnet18"}
 
 

@@ -1,13 +1,15 @@
-"""Shared pieces of the CIFAR model zoo (``cifar_resnet``, ``cifar_wrn``).
+"""Shared pieces of the CIFAR model zoo (``cifar_resnet``, ``cifar_wrn``, ``cifar_vgg``,
+``cifar_mobilenetv2``, ``cifar_shufflenetv1``, ``cifar_shufflenetv2``, ``cifar_resnet50``).
 
-Both families have the same shape: a stem, three stages (strides 1, 2, 2), an optional
-final norm (pre-activation nets only), global pooling and a linear ``fc``. ``CifarNet``
-implements timm's model API once on top of that shape; subclasses register their modules
-and say how to run the stem and the final norm.
+All families have the same shape: a stem, n stages, optional final modules (a final norm
+in pre-activation nets, a 1x1 head conv in MobileNetV2/ShuffleNetV2), global pooling and a
+linear classifier. ``CifarNet`` implements timm's model API once on top of that shape;
+subclasses register their modules and name them in forward order.
 
 Stage indices, used by ``feature_info``, ``forward_intermediates`` and ``features_only``:
-0 = stem output, 1..3 = output of stage 1..3. They equal RepDistiller's ``is_feat``
-features ``f0..f3`` (with ``preact=False``), so feature-KD recipes port index for index.
+0 = stem output, 1..n = output of stage 1..n. They equal RepDistiller's ``is_feat``
+features ``f0..fn`` (with ``preact=False``; the pooled vector is not a stage), so
+feature-KD recipes port index for index.
 """
 from __future__ import annotations
 
@@ -54,11 +56,24 @@ def conv1x1(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_chs, out_chs, kernel_size=1, stride=stride, bias=False)
 
 
-def build_feature_info(stem: tuple[int, str], stages: Sequence[tuple[int, str]]) -> list[dict[str, Any]]:
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Interleave the channels of ``groups`` groups: [N, g*c, H, W] -> channel order c-major."""
+    batch, channels, height, width = x.shape
+    return x.view(batch, groups, channels // groups, height, width).transpose(1, 2).reshape(batch, channels, height, width)
+
+
+def build_feature_info(
+        stem: tuple[int, str],
+        stages: Sequence[tuple[int, str]],
+        stage_strides: Sequence[int] = STAGE_STRIDES,
+        stem_reduction: int = 1,
+) -> list[dict[str, Any]]:
     """One timm feature_info entry per stage index; each item is (channels, module name)."""
-    feature_info = [dict(num_chs=stem[0], reduction=1, module=stem[1])]
-    reduction = 1
-    for (num_chs, module), stride in zip(stages, STAGE_STRIDES):
+    if len(stages) != len(stage_strides):
+        raise ValueError(f'{len(stages)} stages but {len(stage_strides)} strides')
+    feature_info = [dict(num_chs=stem[0], reduction=stem_reduction, module=stem[1])]
+    reduction = stem_reduction
+    for (num_chs, module), stride in zip(stages, stage_strides):
         reduction *= stride
         feature_info.append(dict(num_chs=num_chs, reduction=reduction, module=module))
     return feature_info
@@ -77,12 +92,22 @@ def init_conv_bn_weights(model: nn.Module) -> None:
 class CifarNet(nn.Module):
     """timm model API shared by the CIFAR families.
 
-    Subclasses register, in forward order (timm's ``features_only`` wrapper replays the
-    top-level children in registration order): the stem modules, the stages named in
-    ``stage_names``, any final-norm modules, then call ``init_head``.
+    A subclass names its top-level modules, in forward order: ``stem_modules`` (stage index
+    0), ``stage_modules`` (one tuple per stage index 1..n), ``final_modules`` (run between the
+    last stage and pooling: a final norm, or a 1x1 head conv). It registers them in that order
+    (timm's ``features_only`` wrapper replays the top-level children in registration order; a
+    dotted name reaches into a top-level ``nn.Sequential``, which needs
+    ``feature_cfg=dict(flatten_sequential=True)``), then calls ``init_head``.
     """
 
-    stage_names: tuple[str, str, str]
+    stem_modules: tuple[str, ...]
+    stage_modules: tuple[tuple[str, ...], ...]
+    final_modules: tuple[str, ...] = ()
+    # True when ``final_modules`` are a norm + activation of the last stage (pre-activation
+    # nets): only then does ``forward_intermediates(norm=True)`` take the last stage after them.
+    final_is_norm: bool = False
+    # Attribute of the classifier; the reference code's name, so its checkpoints load.
+    head_name: str = 'fc'
 
     def __init__(self, num_classes: int, feature_info: list[dict[str, Any]]) -> None:
         super().__init__()
@@ -90,48 +115,55 @@ class CifarNet(nn.Module):
         self.feature_info = feature_info
         self.num_features = self.head_hidden_size = feature_info[-1]['num_chs']
 
-    def init_head(self, global_pool: str) -> None:
-        # Adaptive pooling: any input >= 8x8 works; at 32x32 it equals RepDistiller's AvgPool2d(8).
-        self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes, pool_type=global_pool)
+    def init_head(self, global_pool: str, final_chs: int | None = None) -> None:
+        """Pooling and classifier; ``final_chs`` when ``final_modules`` change the width."""
+        if final_chs is not None:
+            self.num_features = self.head_hidden_size = final_chs
+        # Adaptive pooling: any input size works; at 32x32 it equals the reference's fixed-size pooling.
+        self.global_pool, classifier = create_classifier(self.num_features, self.num_classes, pool_type=global_pool)
+        setattr(self, self.head_name, self.wrap_classifier(classifier))
 
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def wrap_classifier(self, classifier: nn.Module) -> nn.Module:
+        """The module stored as the head; a subclass wraps it where the reference did."""
+        return classifier
 
-    def forward_final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """Norm + activation after the last stage; identity for post-activation nets."""
+    def run_modules(self, names: Sequence[str], x: torch.Tensor) -> torch.Tensor:
+        for name in names:
+            x = self.get_submodule(name)(x)
         return x
 
-    def remove_final_norm(self) -> None:
-        """Replace the final-norm modules by identities (no-op for post-activation nets)."""
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run_modules(self.stem_modules, x)
 
-    def stages(self) -> list[nn.Module]:
-        return [getattr(self, name) for name in self.stage_names]
+    def forward_final(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run_modules(self.final_modules, x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_stem(x)
-        for stage in self.stages():
-            x = stage(x)
-        return self.forward_final_norm(x)
+        for names in self.stage_modules:
+            x = self.run_modules(names, x)
+        return self.forward_final(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
-        return x if pre_logits else self.fc(x)
+        return x if pre_logits else self.get_classifier()(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        return self.fc
+        return getattr(self, self.head_name)
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """New ``fc`` for ``num_classes`` (0 = identity); keeps the pooling type unless given."""
+        """New classifier for ``num_classes`` (0 = identity); keeps the pooling type unless given."""
         self.num_classes = num_classes
         if global_pool is None:
             global_pool = self.global_pool.pool_type
         placement = next(self.parameters())
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.fc.to(device=placement.device, dtype=placement.dtype)  # follow the model if it was moved
+        self.global_pool, classifier = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        classifier.to(device=placement.device, dtype=placement.dtype)  # follow the model if it was moved
+        setattr(self, self.head_name, self.wrap_classifier(classifier))
 
     def forward_intermediates(
             self,
@@ -148,8 +180,9 @@ class CifarNet(nn.Module):
             x: Input images, NCHW.
             indices: None = all stages, int n = last n stages, list = these stage indices
                 (negative counts from the end).
-            norm: Apply the final norm to the last stage's feature (pre-activation nets only;
-                as timm's ResNetV2). Without it, the last feature is the raw stage output.
+            norm: Take the last stage's feature after the final norm (pre-activation nets only,
+                as timm's ResNetV2; no effect elsewhere). Without it, the last feature is the
+                raw stage output.
             stop_early: Stop after the deepest requested stage; unless that is the last stage,
                 the returned final features are then its raw output.
             output_fmt: Only 'NCHW'.
@@ -162,21 +195,21 @@ class CifarNet(nn.Module):
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        stages = self.stages()[:max_index] if stop_early else self.stages()
+        stages = self.stage_modules[:max_index] if stop_early else self.stage_modules
 
         intermediates = []
         x = self.forward_stem(x)
         if 0 in take_indices:
             intermediates.append(x)
-        for stage_index, stage in enumerate(stages, start=1):
-            x = stage(x)
+        for stage_index, names in enumerate(stages, start=1):
+            x = self.run_modules(names, x)
             if stage_index in take_indices:
                 intermediates.append(x)
 
-        ran_all_stages = len(stages) == len(self.stage_names)
+        ran_all_stages = len(stages) == len(self.stage_modules)
         if ran_all_stages:
-            x = self.forward_final_norm(x)
-            if norm and len(self.stage_names) in take_indices:
+            x = self.forward_final(x)
+            if norm and self.final_is_norm and len(self.stage_modules) in take_indices:
                 intermediates[-1] = x  # the last stage is always the last one appended
         if intermediates_only:
             return intermediates
@@ -188,15 +221,18 @@ class CifarNet(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> list[int]:
-        """Drop the stages (and head) not needed to compute the given stage indices."""
+        """Drop the stages, final modules and head not needed to compute the given stage indices."""
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        for name in self.stage_names[max_index:]:
-            setattr(self, name, nn.Identity())
-        prune_end = max_index < len(self.stage_names)
-        if prune_norm or prune_end:  # the final norm is sized for the last stage
-            self.remove_final_norm()
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head or prune_end:
+        for names in self.stage_modules[max_index:]:
+            for name in names:
+                self.set_submodule(name, nn.Identity())
+        prune_end = max_index < len(self.stage_modules)
+        if prune_norm or prune_end:  # the final modules are sized for the last stage
+            for name in self.final_modules:
+                self.set_submodule(name, nn.Identity())
+            pruned_width = self.feature_info[max_index]['num_chs']
+            prune_head = prune_head or pruned_width != self.num_features
+            self.num_features = self.head_hidden_size = pruned_width
+        if prune_head:
             self.reset_classifier(0, '')
         return take_indices

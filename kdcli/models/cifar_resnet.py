@@ -41,6 +41,7 @@ __all__ = ['CifarResNet', 'BasicBlock']
 
 NARROW_WIDTHS = (16, 16, 32, 64)
 WIDE_WIDTHS = (32, 64, 128, 256)  # the "x4" teacher/student variants
+STAGE_NAMES = ('layer1', 'layer2', 'layer3')
 
 
 class BasicBlock(nn.Module):
@@ -79,7 +80,8 @@ def make_stage(in_chs: int, out_chs: int, num_blocks: int, stride: int) -> nn.Se
 class CifarResNet(CifarNet):
     """RepDistiller's CIFAR ResNet with BasicBlocks and timm's model API."""
 
-    stage_names = ('layer1', 'layer2', 'layer3')
+    stem_modules = ('conv1', 'bn1', 'act1')
+    stage_modules = (('layer1',), ('layer2',), ('layer3',))
 
     def __init__(
             self,
@@ -105,20 +107,17 @@ class CifarResNet(CifarNet):
         stem_chs, stage_chs = widths[0], widths[1:]
         super().__init__(
             num_classes,
-            build_feature_info((stem_chs, 'act1'), [(chs, name) for chs, name in zip(stage_chs, self.stage_names)]),
+            build_feature_info((stem_chs, 'act1'), list(zip(stage_chs, STAGE_NAMES))),
         )
         self.conv1 = conv3x3(in_chans, stem_chs)
         self.bn1 = nn.BatchNorm2d(stem_chs)
         self.act1 = nn.ReLU(inplace=True)
         in_chs = stem_chs
-        for name, out_chs, stride in zip(self.stage_names, stage_chs, STAGE_STRIDES):
+        for name, out_chs, stride in zip(STAGE_NAMES, stage_chs, STAGE_STRIDES):
             setattr(self, name, make_stage(in_chs, out_chs, blocks_per_stage, stride))
             in_chs = out_chs
         self.init_head(global_pool)
         init_conv_bn_weights(self)
-
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act1(self.bn1(self.conv1(x)))
 
 
 default_cfgs = generate_default_cfgs({

@@ -42,6 +42,7 @@ __all__ = ['CifarWideResNet', 'WideBasicBlock', 'WideStage']
 
 STEM_WIDTH = 16
 BASE_STAGE_WIDTHS = (16, 32, 64)  # multiplied by the widen factor
+STAGE_NAMES = ('block1', 'block2', 'block3')
 
 
 class WideBasicBlock(nn.Module):
@@ -84,7 +85,11 @@ class WideStage(nn.Module):
 class CifarWideResNet(CifarNet):
     """RepDistiller's CIFAR Wide ResNet with timm's model API."""
 
-    stage_names = ('block1', 'block2', 'block3')
+    stem_modules = ('conv1',)
+    stage_modules = (('block1',), ('block2',), ('block3',))
+    # Final norm of the pre-activation net; ``bn1`` is RepDistiller's name for it.
+    final_modules = ('bn1', 'act')
+    final_is_norm = True
 
     def __init__(
             self,
@@ -110,30 +115,18 @@ class CifarWideResNet(CifarNet):
         stage_chs = [width * widen_factor for width in BASE_STAGE_WIDTHS]
         super().__init__(
             num_classes,
-            build_feature_info((STEM_WIDTH, 'conv1'), [(chs, name) for chs, name in zip(stage_chs, self.stage_names)]),
+            build_feature_info((STEM_WIDTH, 'conv1'), list(zip(stage_chs, STAGE_NAMES))),
         )
         self.conv1 = conv3x3(in_chans, STEM_WIDTH)
         in_chs = STEM_WIDTH
-        for name, out_chs, stride in zip(self.stage_names, stage_chs, STAGE_STRIDES):
+        for name, out_chs, stride in zip(STAGE_NAMES, stage_chs, STAGE_STRIDES):
             setattr(self, name, WideStage(in_chs, out_chs, blocks_per_stage, stride, drop_rate))
             in_chs = out_chs
-        # Final norm of the pre-activation net; ``bn1`` is RepDistiller's name for it.
         self.bn1 = nn.BatchNorm2d(in_chs)
         self.act = nn.ReLU(inplace=True)
         self.init_head(global_pool)
         init_conv_bn_weights(self)
         nn.init.zeros_(self.fc.bias)  # RepDistiller zeroes the classifier bias
-
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv1(x)
-
-    def forward_final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn1(x))
-
-    def remove_final_norm(self) -> None:
-        # Both go: an in-place ReLU on an un-normed stage output would overwrite that feature.
-        self.bn1 = nn.Identity()
-        self.act = nn.Identity()
 
 
 default_cfgs = generate_default_cfgs({
