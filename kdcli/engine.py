@@ -273,6 +273,7 @@ class Trainer:
         state = self.resume_state.build(epoch - 1, self.history, self.best, self.resume_state.position(epoch, tally))
         with self._writing():
             save_state(self.run_dir.resume_path, state, label=label)
+            self.run_dir.saved_state()
         last = f"{self.run_dir.last_path} holds epoch {epoch - 1}" if self.history else "no epoch is complete yet"
         self._stopped(f"saved the exact training state after {label} to {self.run_dir.resume_path} ({last})")
 
@@ -308,6 +309,7 @@ class Trainer:
         with self._writing():
             save_state(self.run_dir.resume_path, self.resume_state.build(epoch, self.history, self.best), label=f"epoch {epoch}")
             self._write_epoch_files(epoch, record, improved=improved)
+            self.run_dir.saved_state()  # a run staged to replace another takes its place now
 
     def _write_epoch_files(self, epoch: int, record: dict[str, Any], *, improved: bool) -> None:
         metrics = {key: value for key, value in record.items() if isinstance(value, float)}

@@ -43,7 +43,8 @@ class RunSpec:
         return self.config.model.name
 
     def with_teacher(self, teacher: Path | None) -> RunSpec:
-        return RunSpec(self.config.model_copy(update={"teacher": teacher}), self.method, self.params)
+        absolute = None if teacher is None else teacher.absolute()
+        return RunSpec(self.config.model_copy(update={"teacher": absolute}), self.method, self.params)
 
 
 def resolve_run(config: RunConfig) -> RunSpec:
@@ -66,8 +67,11 @@ def resolve_run(config: RunConfig) -> RunSpec:
     except ValidationError as exc:
         raise UsageError(f"invalid method hyperparameters: {format_validation_error(exc, prefix='method')}") from None
     model_name = config.model.name or _default_model(config, method_cls)
+    # Paths absolute: a run resumed from another working directory must find the same files.
     resolved = config.model_copy(
         update={
+            "teacher": None if config.teacher is None else config.teacher.absolute(),
+            "data": config.data.model_copy(update={"root": config.data.root.absolute()}),
             "model": config.model.model_copy(update={"name": model_name}),
             "method": config.method.model_validate({"name": name, **params.model_dump(mode="json")}),
         }

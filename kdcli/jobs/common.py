@@ -115,8 +115,19 @@ def model_from_checkpoint(path: Path) -> tuple[nn.Module, CheckpointInfo]:
     return model, info
 
 
-def checkpoint_data_config(info: CheckpointInfo, source: Path) -> DataConfig:
+# Data keys that say where a data set lives and whether to fetch it: never taken from a file kdcli reads.
+DATA_LOCATION_KEYS = ("root", "download")
+
+
+def checkpoint_data_config(info: CheckpointInfo, source: Path, *, root: Path | None, download: bool) -> DataConfig:
+    """The data set a checkpoint was trained on, at ``root`` (the default when None) and downloaded only if ``download``.
+
+    The file's digest proves it is whole, not who wrote it: its metadata names
+    the data set, but never chooses network access or a place to write.
+    """
+    identity = {key: value for key, value in info.data.items() if key not in DATA_LOCATION_KEYS}
+    location = {"download": download} | ({} if root is None else {"root": root})
     try:
-        return DataConfig.model_validate(info.data)
+        return DataConfig.model_validate(identity | location)
     except ValidationError as exc:
         raise KdcliError(f"{source} records an invalid data config: {format_validation_error(exc)}") from None

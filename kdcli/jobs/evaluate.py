@@ -56,9 +56,9 @@ def evaluate_checkpoint(
         raise UsageError(f"invalid --device: {format_validation_error(exc)}") from None
     noise = input_noise(noise_std, noise_photons)
     model, info = model_from_checkpoint(checkpoint)
-    data_config = checkpoint_data_config(info, checkpoint)
-    changes = {"name": data, "root": data_root, "download": download or None}
-    data_config = data_config.model_copy(update={key: value for key, value in changes.items() if value is not None})
+    data_config = checkpoint_data_config(info, checkpoint, root=data_root, download=download)
+    if data is not None:
+        data_config = data_config.model_copy(update={"name": data})
     if bundle is None:
         bundle = load_data(data_config)
     check_fits(info, bundle, checkpoint)

@@ -18,7 +18,7 @@ from kdcli.jobs.common import check_fits, load_data, model_from_checkpoint, requ
 from kdcli.jobs.teacher_relation import TeacherRelation
 from kdcli.metrics import classification_report, topk_accuracy
 from kdcli.errors import UsageError
-from kdcli.rundir import RunDir, RunDirExists, existing_run_dir, prepare_run_dir
+from kdcli.rundir import RunDir, RunDirExists, existing_run_dir, plan_run_dir
 from kdcli.runtime import Runtime, runtime_for
 
 Notify = Callable[[str], None]  # where a job's notes go (the CLI prints them on stderr)
@@ -130,7 +130,8 @@ def train(
         teacher, teacher_info = model_from_checkpoint(config.teacher)
         check_fits(teacher_info, bundle, config.teacher)
     with runtime_for(config.train) as runtime:
-        run_dir = _open_run_dir(out, config, runtime, resume=resume, overwrite=overwrite)
+        run_dir = _plan_run_dir(out, config, runtime, resume=resume, overwrite=overwrite)
+        # Built before the run directory is made: a wrong method argument must leave nothing on disk.
         parts = build_training(spec, bundle, teacher, runtime, run_dir, show_progress=show_progress)
         if resume:
             parts.trainer.resume()
@@ -139,12 +140,19 @@ def train(
             teacher_clean = check_teacher(parts.teacher.network, teacher_info.arch, parts, bundle, runtime)
             for line in teacher_clean.lines(verbose=show_progress) if runtime.is_main and notify else []:
                 notify(line)
-        history = parts.trainer.fit()
+        if not resume and runtime.is_main:
+            run_dir.create()
+            run_dir.write_config(config.model_dump(mode="json"))
+        try:
+            history = parts.trainer.fit()
+        except BaseException:
+            run_dir.discard_staged()  # a replacement that never saved a state leaves the old run as it was
+            raise
         return _summarize(spec, parts, history, bundle, runtime, run_dir, teacher_info, teacher_clean)
 
 
-def _open_run_dir(out: Path, config: RunConfig, runtime: Runtime, *, resume: bool, overwrite: bool) -> RunDir:
-    """The run directory: cleaned of cut-short writes when resuming, else created with the config (rank 0 writes)."""
+def _plan_run_dir(out: Path, config: RunConfig, runtime: Runtime, *, resume: bool, overwrite: bool) -> RunDir:
+    """The run directory, not yet touched: cleaned of cut-short writes when resuming, else planned (rank 0 creates it)."""
     if resume:
         run_dir = existing_run_dir(out)
         if runtime.is_main:
@@ -152,12 +160,11 @@ def _open_run_dir(out: Path, config: RunConfig, runtime: Runtime, *, resume: boo
         return run_dir
     if not runtime.is_main:
         return RunDir(out)
+    reads = () if config.teacher is None else (config.teacher,)
     try:
-        run_dir = prepare_run_dir(out, overwrite=overwrite)
+        return plan_run_dir(out, overwrite=overwrite, reads=reads)
     except RunDirExists as exc:
         raise UsageError(f"{exc}; pass --resume {out} to continue it or --overwrite to replace it") from None
-    run_dir.write_config(config.model_dump(mode="json"))
-    return run_dir
 
 
 def check_teacher(teacher: nn.Module, arch: str, parts: TrainingParts, bundle: DataBundle, runtime: Runtime) -> TeacherCheck:
