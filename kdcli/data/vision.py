@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torchvision import datasets
 from torchvision.transforms import v2
 
 from kdcli.data.bundle import DataBundle, ImageSplit
-from kdcli.errors import KdcliError, UsageError
+from kdcli.data.memory import require_memory
+from kdcli.errors import KdcliError, UsageError, one_line
 
 CIFAR_STATS = {
     10: (datasets.CIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -97,17 +100,32 @@ def load_imagefolder(path: Path, *, image_size: int) -> DataBundle:
 def _image_folder(folder: Path, image_size: int) -> datasets.ImageFolder:
     # Decoding stays with ImageFolder's PIL loader: torchvision.io's decoders are deprecated since 0.29.
     resize = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), v2.PILToTensor()])
+    _refuse_symlink_loops(folder)
     try:
-        return datasets.ImageFolder(str(folder), transform=resize)
+        dataset = datasets.ImageFolder(str(folder), transform=resize)
     except FileNotFoundError as error:  # no class folders, or no images in one
         raise KdcliError(f"no images found in {folder}: {error}") from error
+    return dataset
+
+
+def _refuse_symlink_loops(folder: Path) -> None:
+    """ImageFolder follows symlinks: one that leads back up the tree would list the same images over and over."""
+    seen: set[str] = set()
+    for current, _, _ in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen:
+            raise KdcliError(f"symlink loop or duplicate in {folder}: {current} leads to {real} again, whose images would count twice")
+        seen.add(real)
 
 
 def _decode_all(dataset: datasets.ImageFolder, image_size: int) -> ImageSplit:
+    require_memory(f"{len(dataset)} images of {image_size}x{image_size} pixels", len(dataset) * 3 * image_size**2, "data.image_size")
     images = torch.empty(len(dataset), 3, image_size, image_size, dtype=torch.uint8)
     for position, (file, _) in enumerate(dataset.samples):
         try:
             images[position] = dataset[position][0]
+        except Image.DecompressionBombError as error:  # PIL's guard against a tiny file decoding to gigabytes
+            raise KdcliError(f"refusing image {file}: a decompression bomb ({one_line(str(error), 160)})") from None
         except OSError as error:  # PIL cannot identify or read the file
-            raise KdcliError(f"cannot decode image {file}: {error}") from error
+            raise KdcliError(f"cannot decode image {file}: {one_line(str(error))}") from None
     return ImageSplit(images, torch.tensor(dataset.targets, dtype=torch.int64))

@@ -11,9 +11,9 @@ from pydantic import ValidationError
 from torch import nn
 
 from kdcli.checkpoint import CheckpointInfo, read_checkpoint_info
-from kdcli.config import RunConfig, format_validation_error
+from kdcli.config import RunConfig, TrainConfig, format_validation_error
 from kdcli.data.augment import EpochAugmentation, normalize
-from kdcli.data.bundle import DataBundle
+from kdcli.data.bundle import DataBundle, ImageSplit
 from kdcli.data.loader import BatchLoader
 from kdcli.engine import EpochObserver, Trainer, TrainingData, training_loader
 from kdcli.errors import UsageError
@@ -148,6 +148,22 @@ def checkpoint_template(spec: RunSpec, bundle: DataBundle) -> CheckpointInfo:
     )
 
 
+def check_batches(student: nn.Module, model_name: str, samples: ImageSplit, train: TrainConfig, runtime: Runtime) -> None:
+    """Refuse an epoch without a step, and batches of one sample for a model with batch norm (it cannot train on them)."""
+    per_rank = runtime.per_rank_batch_size(train.batch_size)
+    has_batch_norm = any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in student.modules())
+    if per_rank == 1 and has_batch_norm:
+        raise UsageError(
+            f"train.batch_size {train.batch_size} gives each process batches of 1 sample; "
+            f"the batch-norm layers of {model_name} need at least 2 to train"
+        )
+    if len(training_loader(samples, train, runtime)) == 0:
+        raise UsageError(
+            f"the training split holds {len(samples)} sample(s) per epoch, too few for one batch "
+            "(a final batch of one is dropped): lower data.val_split or use more data"
+        )
+
+
 @dataclass
 class TrainingParts:
     """What a training run is made of, built in the order that fixes its random initialization."""
@@ -166,6 +182,7 @@ def build_training(
     torch.manual_seed(config.train.seed)
     student = runtime.place(new_model(spec.model_name, num_classes=bundle.num_classes, input_size=bundle.input_size), config.train)
     data = training_data(bundle, config.data)
+    check_batches(student, spec.model_name, data.train, config.train, runtime)
     source = None if teacher is None else teacher_source(teacher, config, data, runtime)
     method = spec.method(spec.params, student=student, teacher=source, context=method_context(config, data, runtime, bundle.num_classes))
     observers: dict[str, EpochObserver] = {"teacher_cache": source} if isinstance(source, CachedTeacher) else {}

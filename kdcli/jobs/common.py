@@ -15,7 +15,7 @@ from kdcli.data.augment import BatchAugment
 from kdcli.data.bundle import DataBundle, DataRequest, ImageSplit, split_train_val
 from kdcli.data.vision import DataSetMissing
 from kdcli.engine import TrainingData
-from kdcli.errors import KdcliError, UsageError, first_line, unknown_name
+from kdcli.errors import KdcliError, UsageError, first_line, one_line, unknown_name
 from kdcli.models import create_model
 from kdcli.registry import get_dataset_builder, load_model_plugins, model_plugin_failures
 
@@ -27,11 +27,19 @@ def load_data(config: DataConfig) -> DataBundle:
         argument=argument or None, root=config.root, download=config.download, image_size=config.image_size,
         synthetic=config.synthetic.model_dump(),
     )
+    builder = get_dataset_builder(name)
     try:
-        return get_dataset_builder(name)(request)
+        bundle = builder(request)
     except DataSetMissing as exc:
         hint = "delete it and download again" if exc.download_tried else "pass --download to fetch it"
         raise KdcliError(f"{exc}; {hint}") from None
+    except KdcliError:
+        raise
+    except Exception as exc:  # a data-set plugin's own failure: name it, in one line
+        raise KdcliError(f"data set {name!r} failed to load: {type(exc).__name__}: {one_line(str(exc))}") from None
+    if bundle.num_classes < 2:
+        raise KdcliError(f"data set {config.name} has {bundle.num_classes} class; a classifier needs at least 2")
+    return bundle
 
 
 def training_data(bundle: DataBundle, config: DataConfig) -> TrainingData:

@@ -96,14 +96,17 @@ def run_training(
 ) -> TrainingSummary:
     """Train ``config.model`` with ``config.method`` into run directory ``out``.
 
-    With ``resume`` the run's saved config replaces ``config`` and training
+    With ``resume`` the run's saved config (of the same job) replaces ``config`` and training
     continues from the saved state: after the last completed epoch, or at the
     exact step where a signal stopped it; with no state saved yet it starts
     over.  Everything that can be wrong with the input is checked before the
     run directory is touched.
     """
     if resume:
-        config = load_resolved_config(existing_run_dir(out).config_path)
+        saved = load_resolved_config(existing_run_dir(out).config_path)
+        if saved.job != config.job:
+            raise UsageError(f"{out} is a {saved.job} run; continue it with kdcli {saved.job} --resume {out}")
+        config = saved
     return train(resolve_run(config), out, resume=resume, overwrite=overwrite, show_progress=show_progress, notify=notify)
 
 
