@@ -247,12 +247,13 @@ def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFl
             raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
         summary = run_training(build_config(flags={"job": job}), flags.resume, resume=True, show_progress=show_progress, notify=_note)
     else:
-        tree = flags.config_tree() | {"job": job}
+        tree = flags.config_tree()
         if method is not None:
             tree["method"] = {"name": method}
         if teacher is not None:
             tree["teacher"] = str(teacher)
         config = build_config(
+            defaults={"job": job},  # a default, so that a config file or --set naming the other job is seen, and refused
             file=flags.config,
             flags=tree,
             overrides=flags.set or [],
