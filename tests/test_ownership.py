@@ -13,6 +13,8 @@ import pytest
 
 from conftest import TINY, run_cli
 from kdcli.checkpoint import load_checkpoint, save_checkpoint
+from kdcli.engine import Trainer
+from kdcli.guards import NonFiniteLoss
 from test_bad_input import assert_clean_error
 
 SMALL = ["--model", "cifar_resnet8", "--epochs", 1, *TINY]
@@ -64,14 +66,6 @@ def test_failed_validation_leaves_old_run_and_no_new_directory(teacher_run: Path
     assert_clean_error(run_cli(*bad, "--out", fresh), 2, "method.layers")
     assert not fresh.exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["old"]
-
-
-def test_replacement_that_fails_before_its_first_state_keeps_the_old_run(small_run: Path) -> None:
-    before = snapshot(small_run)
-    result = run_cli("teach", "--out", small_run, "--overwrite", "--lr", "1e10", *SMALL)
-    assert_clean_error(result, 1, "non-finite")
-    assert snapshot(small_run) == before
-    assert sorted(path.name for path in small_run.parent.iterdir()) == ["old"], "the staged run was left behind"
 
 
 def test_replacement_removes_only_kdcli_files(small_run: Path) -> None:
@@ -140,3 +134,18 @@ def test_sweep_takes_no_data_location_from_teacher_runs(teacher_run: Path, tmp_p
     result = run_cli("sweep-checkpoints", copy, "--out", tmp_path / "sweep", "--epochs", 1, "-q")
     assert_clean_error(result, 1, "--download")
     assert not foreign.exists() and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize(("failure", "code"), [(KeyboardInterrupt, 130), (NonFiniteLoss("loss term ce went non-finite"), 1)])
+def test_replacement_that_fails_before_its_first_state_keeps_the_old_run(
+    failure: BaseException, code: int, small_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fails(self: Trainer, epoch: int) -> dict:
+        raise failure
+
+    monkeypatch.setattr(Trainer, "train_epoch", fails)
+    before = snapshot(small_run)
+    result = run_cli("teach", "--out", small_run, "--overwrite", *SMALL)
+    assert result.exit_code == code, result
+    assert snapshot(small_run) == before
+    assert sorted(path.name for path in small_run.parent.iterdir()) == ["old"], "the staged run was left behind"
