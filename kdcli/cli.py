@@ -32,7 +32,8 @@ from kdcli.errors import KdcliError, ResumeHint, UsageError, one_line
 from kdcli.jobs.convert import InputSpec, convert_checkpoint
 from kdcli.jobs.evaluate import EVAL_SPLITS, evaluate_checkpoint
 from kdcli.jobs.sweep import SweepResult, build_recipe, find_teacher_runs, run_sweep
-from kdcli.jobs.train import TrainingSummary, run_training
+from kdcli.jobs.build import new_run_config
+from kdcli.jobs.train import TrainingSummary, plan_training, run_training
 from kdcli.method import API_VERSION, Method
 from kdcli.registry import get_method, method_plugins
 
@@ -149,6 +150,7 @@ SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override 
 OutOption = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/JOB-METHOD-TIME).", show_default=False)]
 ResumeOption = Annotated[Optional[Path], typer.Option("--resume", help="Continue the interrupted run in this directory.", show_default=False)]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")]
+DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Check everything, print the fully resolved config and the run plan as JSON, and exit without training or writing.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-epoch lines.")]
 CacheTeacherOption = Annotated[bool, typer.Option("--cache-teacher", help="Compute the teacher's logits once and reuse them across epochs and runs (train.cache_teacher).")]
@@ -189,6 +191,7 @@ class TrainingFlags:
     resume: ResumeOption = _with_resume()
     overwrite: OverwriteOption = False
     cache_teacher: CacheTeacherOption = _sets("train", "cache_teacher", False)
+    dry_run: DryRunOption = False
     json_output: JsonOption = _with_resume(False)
     quiet: QuietOption = _with_resume(False)
 
@@ -252,15 +255,11 @@ def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFl
             tree["method"] = {"name": method}
         if teacher is not None:
             tree["teacher"] = str(teacher)
-        config = build_config(
-            defaults={"job": job},  # a default, so that a config file or --set naming the other job is seen, and refused
-            file=flags.config,
-            flags=tree,
-            overrides=flags.set or [],
-        )
-        if config.job != job:  # a config file or --set may not turn one command into the other
-            raise UsageError(f"kdcli {job} runs job={job}; drop job={config.job} (or run kdcli {config.job})")
+        config = new_run_config(job, file=flags.config, flags=tree, overrides=flags.set or [])
         out = flags.out or _default_out(job, config.method.name)
+        if flags.dry_run:
+            _print_json(plan_training(config, out, overwrite=flags.overwrite))
+            return
         summary = run_training(config, out, overwrite=flags.overwrite, show_progress=show_progress, notify=_note)
     _print_summary(summary, as_json=flags.json_output)
 

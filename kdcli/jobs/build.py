@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,13 +12,13 @@ from pydantic import ValidationError
 from torch import nn
 
 from kdcli.checkpoint import CheckpointInfo, read_checkpoint_info
-from kdcli.config import RunConfig, TrainConfig, format_validation_error
+from kdcli.config import RunConfig, TrainConfig, build_config, format_validation_error
 from kdcli.data.augment import EpochAugmentation, normalize
 from kdcli.data.bundle import DataBundle, ImageSplit
 from kdcli.data.loader import BatchLoader
 from kdcli.engine import EpochObserver, Trainer, TrainingData, training_loader
 from kdcli.errors import UsageError
-from kdcli.jobs.common import new_model, training_data
+from kdcli.jobs.common import DATA_LOCATION_KEYS, checkpoint_data_config, new_model, training_data
 from kdcli.method import Method, MethodContext, MethodParams
 from kdcli.registry import get_method
 from kdcli.rundir import RunDir
@@ -45,6 +46,18 @@ class RunSpec:
     def with_teacher(self, teacher: Path | None) -> RunSpec:
         absolute = None if teacher is None else teacher.absolute()
         return RunSpec(self.config.model_copy(update={"teacher": absolute}), self.method, self.params)
+
+
+def new_run_config(job: str, *, file: Path | None, flags: dict[str, Any], overrides: list[str]) -> RunConfig:
+    """A new run's config: defaults < file < flags < ``--set``; with a teacher, its data set is the default data."""
+    config = build_config(defaults={"job": job}, file=file, flags=flags, overrides=overrides)
+    if config.job != job:  # a config file or --set may not turn one command into the other
+        raise UsageError(f"kdcli {job} runs job={job}; drop job={config.job} (or run kdcli {config.job})")
+    if config.teacher is None:
+        return config
+    teacher_data = checkpoint_data_config(read_checkpoint_info(config.teacher), config.teacher, root=None, download=False)
+    data = {key: value for key, value in teacher_data.model_dump(mode="json").items() if key not in DATA_LOCATION_KEYS}
+    return build_config(defaults={"job": job, "data": data}, file=file, flags=flags, overrides=overrides)
 
 
 def resolve_run(config: RunConfig) -> RunSpec:

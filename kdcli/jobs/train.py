@@ -14,7 +14,7 @@ from kdcli.config import RunConfig, load_resolved_config
 from kdcli.data.bundle import DataBundle, ImageSplit
 from kdcli.inference import predict
 from kdcli.jobs.build import RunSpec, TrainingParts, build_training, resolve_run
-from kdcli.jobs.common import check_fits, load_data, model_from_checkpoint, require_model
+from kdcli.jobs.common import check_fits, load_data, model_from_checkpoint, require_model, training_data
 from kdcli.jobs.teacher_relation import TeacherRelation
 from kdcli.metrics import classification_report, topk_accuracy
 from kdcli.errors import UsageError
@@ -110,6 +110,49 @@ def run_training(
     return train(resolve_run(config), out, resume=resume, overwrite=overwrite, show_progress=show_progress, notify=notify)
 
 
+def plan_training(config: RunConfig, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """What ``run_training`` would do, checked as far as it goes without writing: the resolved config and the plan.
+
+    Every default is filled in, the data set's augmentation recipe included;
+    nothing is written and no network is trained.
+    """
+    spec = resolve_run(config)
+    require_model(spec.model_name)
+    bundle = load_data(spec.config.data)
+    teacher = None
+    if spec.config.teacher is not None:
+        teacher = model_from_checkpoint(spec.config.teacher)[1]
+        _check_teacher_fits(teacher, bundle, spec.config.teacher)
+    replaces = _new_run_dir(out, spec.config, overwrite=overwrite).replaces
+    data = training_data(bundle, spec.config.data)
+    recipe = {"crop_padding": data.augment.crop_padding, "hflip": data.augment.hflip}
+    resolved = spec.config.model_copy(update={"data": spec.config.data.model_copy(update=recipe)})
+    per_epoch = -(-len(data.train) // spec.config.train.batch_size)
+    return {
+        "config": resolved.model_dump(mode="json"),
+        "plan": {
+            "run_dir": str(out),
+            "action": "replace" if replaces is not None else "create",
+            "model": spec.model_name,
+            "teacher": None if teacher is None else {"path": str(spec.config.teacher), "arch": teacher.arch, "epoch": teacher.epoch},
+            "data": {
+                "name": bundle.name, "num_classes": bundle.num_classes, "input_size": list(bundle.input_size),
+                "mean": list(bundle.mean), "std": list(bundle.std),
+                "num_train": len(data.train), "num_val": 0 if data.val is None else len(data.val), "num_test": len(bundle.test),
+            },
+            "steps_per_epoch": per_epoch,
+            "total_steps": per_epoch * spec.config.train.epochs,
+        },
+    }
+
+
+def _check_teacher_fits(info: CheckpointInfo, bundle: DataBundle, source: Path) -> None:
+    try:
+        check_fits(info, bundle, source)
+    except UsageError as exc:
+        raise UsageError(f"{exc}; distill takes the teacher's data set unless --data or --set data.* change it") from None
+
+
 def train(
     spec: RunSpec,
     out: Path,
@@ -131,7 +174,7 @@ def train(
     teacher, teacher_info = None, None
     if config.teacher is not None:
         teacher, teacher_info = model_from_checkpoint(config.teacher)
-        check_fits(teacher_info, bundle, config.teacher)
+        _check_teacher_fits(teacher_info, bundle, config.teacher)
     with runtime_for(config.train) as runtime:
         run_dir = _plan_run_dir(out, config, runtime, resume=resume, overwrite=overwrite)
         # Built before the run directory is made: a wrong method argument must leave nothing on disk.
@@ -163,6 +206,10 @@ def _plan_run_dir(out: Path, config: RunConfig, runtime: Runtime, *, resume: boo
         return run_dir
     if not runtime.is_main:
         return RunDir(out)
+    return _new_run_dir(out, config, overwrite=overwrite)
+
+
+def _new_run_dir(out: Path, config: RunConfig, *, overwrite: bool) -> RunDir:
     reads = () if config.teacher is None else (config.teacher,)
     try:
         return plan_run_dir(out, overwrite=overwrite, reads=reads)
