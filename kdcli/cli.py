@@ -33,6 +33,7 @@ from kdcli.jobs.convert import InputSpec, convert_checkpoint
 from kdcli.jobs.evaluate import EVAL_SPLITS, evaluate_checkpoint
 from kdcli.jobs.sweep import SweepResult, build_recipe, find_teacher_runs, run_sweep
 from kdcli.jobs.build import new_run_config
+from kdcli.jobs.classify import classify_images
 from kdcli.jobs.train import TrainingSummary, plan_training, run_training
 from kdcli.method import API_VERSION, Method
 from kdcli.registry import get_method, method_plugins
@@ -350,6 +351,30 @@ def evaluate(
     table.add_column("value", justify="right")
     for name, value in report["metrics"].items():
         table.add_row(name, f"{value:.4f}")
+    stdout.print(table)
+
+
+@app.command(epilog="Examples: kdcli predict runs/t/last.safetensors cat.jpg dog.png  ·  kdcli predict s.safetensors photos/*.jpg --top-k 3 --json")
+@reports_errors
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="A kdcli checkpoint (.safetensors).", show_default=False)],
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGE...", help="Image files (PNG, JPEG, ...).", show_default=False)],
+    top_k: Annotated[int, typer.Option("--top-k", help="How many classes to print per image.")] = 5,
+    device: DeviceOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Print the top-k classes of image files (resized and center-cropped like the image-folder recipe)."""
+    rows = classify_images(checkpoint, images, top_k=top_k, device=device or "auto")
+    if json_output:
+        _print_json(rows)
+        return
+    table = Table(title=f"predict · {checkpoint}")
+    for column in ("image", "rank", "class", "probability"):
+        table.add_column(column, justify="right" if column in ("rank", "probability") else "left")
+    for row in rows:
+        for rank, entry in enumerate(row["top"], start=1):
+            label = str(entry["class"]) if entry["name"] is None else f"{entry['class']} {entry['name']}"
+            table.add_row(row["image"] if rank == 1 else "", str(rank), escape(label), f"{entry['probability']:.4f}")
     stdout.print(table)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from conftest import TINY, run_cli
@@ -41,3 +42,30 @@ def test_dry_run_prints_the_resolved_config_and_plan_and_writes_nothing(tmp_path
     assert report["plan"]["data"]["mean"] == [0.485, 0.456, 0.406]
     assert not out.exists() and snapshot(tmp_path) == before
     assert_clean_error(run_cli("teach", "--resume", out, "--dry-run"), 2, "drop --dry-run")
+
+
+def test_predict_prints_the_top_classes_of_image_files(tmp_path: Path) -> None:
+    for split in ("train", "val"):
+        for label, colour in (("cat", (250, 20, 20)), ("dog", (20, 20, 250))):
+            (tmp_path / "pets" / split / label).mkdir(parents=True)
+            for index in range(4):
+                Image.new("RGB", (24, 20), colour).save(tmp_path / "pets" / split / label / f"{index}.png")
+    out = tmp_path / "run"
+    trained = run_cli(
+        "teach", "--data", f"imagefolder:{tmp_path / 'pets'}", "--set", "data.image_size=16", "--model", "cifar_resnet8",
+        "--epochs", 1, "--batch-size", 4, "--val-split", 0, "--out", out, "-q",
+    )
+    assert trained.exit_code == 0, trained
+    images = [tmp_path / "pets" / "val" / "cat" / "0.png", tmp_path / "pets" / "val" / "dog" / "0.png"]
+    result = run_cli("predict", out / "last.safetensors", *images, "--top-k", 5, "--json")
+    assert result.exit_code == 0, result
+    rows = result.json()
+    assert [row["image"] for row in rows] == [str(image) for image in images]
+    for row in rows:
+        assert len(row["top"]) == 2 and {entry["name"] for entry in row["top"]} == {"cat", "dog"}  # k capped at the class count
+        assert sum(entry["probability"] for entry in row["top"]) == pytest.approx(1.0, abs=1e-5)
+        assert row["top"][0]["probability"] >= row["top"][1]["probability"]
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    assert_clean_error(run_cli("predict", out / "last.safetensors", broken), 1, "cannot read image")
+    assert_clean_error(run_cli("predict", out / "last.safetensors", images[0], "--top-k", 0), 2, "--top-k")
