@@ -1,5 +1,5 @@
 """``python -m kdcli`` (also what ``torchrun -m kdcli`` runs)."""
 
-from kdcli.cli import main
+from kdcli.launch import main
 
 main()

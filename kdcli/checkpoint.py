@@ -39,7 +39,8 @@ CHECKPOINT_FORMAT = "kdcli-checkpoint"
 STATE_FORMAT = "kdcli-state"
 FORMAT_VERSION = 2  # 2: every file carries a digest
 DIGEST_KEY = "sha256"
-TEMPORARY_PATTERN = ".*.tmp"  # what an interrupted atomic write can leave behind
+TEMPORARY_SUFFIX = ".kdcli.tmp"  # names kdcli's own temporary files apart from a user's *.tmp
+TEMPORARY_PATTERN = f".*{TEMPORARY_SUFFIX}"  # what an interrupted atomic write can leave behind
 _NOT_A_CHECKPOINT = "a safetensors file but not a kdcli checkpoint (no kdcli metadata)"
 _NOT_A_STATE = "not a kdcli resume-state file"
 
@@ -131,10 +132,11 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     had_previous = path.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     except OSError as exc:
         raise _write_failed(path, exc, had_previous) from None
     try:
+        os.fchmod(descriptor, 0o666 & ~_umask())  # mkstemp makes 0600; a file kdcli keeps follows the umask like open() would
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(payload)
             handle.flush()
@@ -154,6 +156,12 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
             os.close(directory)
     except OSError as exc:
         raise WriteFailed(f"wrote {path} but could not flush its directory to disk ({_reason(exc)})") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read the umask is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _write_failed(path: Path, exc: OSError, had_previous: bool) -> WriteFailed:

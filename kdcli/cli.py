@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import os
 import shlex
 import sys
@@ -27,13 +28,18 @@ from typer.core import TyperGroup
 
 from kdcli import __version__
 from kdcli.config import DEFAULT_METHODS, build_config
-from kdcli.errors import KdcliError, ResumeHint, UsageError
+from kdcli.errors import KdcliError, ResumeHint, UsageError, one_line
 from kdcli.jobs.convert import InputSpec, convert_checkpoint
 from kdcli.jobs.evaluate import EVAL_SPLITS, evaluate_checkpoint
 from kdcli.jobs.sweep import SweepResult, build_recipe, find_teacher_runs, run_sweep
-from kdcli.jobs.train import TrainingSummary, run_training
+from kdcli.jobs.build import new_run_config
+from kdcli.jobs.classify import classify_images
+from kdcli.jobs.train import TrainingSummary, plan_training, run_training
 from kdcli.method import API_VERSION, Method
 from kdcli.registry import get_method, method_plugins
+
+MAX_ERROR = 2000  # characters of one error line: a message quoting a huge input must stay readable
+
 
 class KdcliGroup(TyperGroup):
     """Click's usage errors as one ``kdcli: error:`` line, like every other failure."""
@@ -83,10 +89,10 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except KdcliError as exc:
-            stderr.print(f"kdcli: error: {exc}{_resume_words(exc.resume)}", markup=False, soft_wrap=True)
+            stderr.print(f"kdcli: error: {one_line(str(exc), MAX_ERROR)}{_resume_words(exc.resume)}", markup=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:
-            stderr.print(f"kdcli: error: {exc}", markup=False, soft_wrap=True)
+            stderr.print(f"kdcli: error: {one_line(str(exc), MAX_ERROR)}", markup=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             # Training turns its own interrupts into a KdcliError; this one came while setting up or reporting.
@@ -101,6 +107,26 @@ def _resume_words(hint: ResumeHint | None) -> str:
     if hint is None:
         return ""
     return f"; {hint.lead}: kdcli {hint.job} --resume {shlex.quote(str(hint.run_dir))}"
+
+
+def _print_json(value: Any) -> None:
+    """Valid JSON on stdout: a non-finite number (NaN, inf) becomes null, and a warning names where."""
+    clean, where = _finite(value, "")
+    if where:
+        _note(f"warning: non-finite values printed as null: {', '.join(where)}")
+    stdout.print_json(json.dumps(clean, allow_nan=False))
+
+
+def _finite(value: Any, path: str) -> tuple[Any, list[str]]:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [path or "value"]
+    if isinstance(value, dict):
+        items = [(key, *_finite(item, f"{path}.{key}" if path else str(key))) for key, item in value.items()]
+        return {key: item for key, item, _ in items}, [spot for *_, spots in items for spot in spots]
+    if isinstance(value, list):
+        items = [_finite(item, f"{path}[{index}]") for index, item in enumerate(value)]
+        return [item for item, _ in items], [spot for _, spots in items for spot in spots]
+    return value, []
 
 
 def _note(text: str) -> None:
@@ -125,6 +151,7 @@ SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override 
 OutOption = Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/JOB-METHOD-TIME).", show_default=False)]
 ResumeOption = Annotated[Optional[Path], typer.Option("--resume", help="Continue the interrupted run in this directory.", show_default=False)]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")]
+DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Check everything, print the fully resolved config and the run plan as JSON, and exit without training or writing.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-epoch lines.")]
 CacheTeacherOption = Annotated[bool, typer.Option("--cache-teacher", help="Compute the teacher's logits once and reuse them across epochs and runs (train.cache_teacher).")]
@@ -165,6 +192,7 @@ class TrainingFlags:
     resume: ResumeOption = _with_resume()
     overwrite: OverwriteOption = False
     cache_teacher: CacheTeacherOption = _sets("train", "cache_teacher", False)
+    dry_run: DryRunOption = False
     json_output: JsonOption = _with_resume(False)
     quiet: QuietOption = _with_resume(False)
 
@@ -221,19 +249,18 @@ def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFl
         given = flags.given_flags() + ["--method"] * (method is not None) + ["--teacher"] * (teacher is not None)
         if given:
             raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
-        summary = run_training(build_config(), flags.resume, resume=True, show_progress=show_progress, notify=_note)
+        summary = run_training(build_config(flags={"job": job}), flags.resume, resume=True, show_progress=show_progress, notify=_note)
     else:
-        tree = flags.config_tree() | {"job": job}
+        tree = flags.config_tree()
         if method is not None:
             tree["method"] = {"name": method}
         if teacher is not None:
             tree["teacher"] = str(teacher)
-        config = build_config(
-            file=flags.config,
-            flags=tree,
-            overrides=flags.set or [],
-        )
+        config = new_run_config(job, file=flags.config, flags=tree, overrides=flags.set or [])
         out = flags.out or _default_out(job, config.method.name)
+        if flags.dry_run:
+            _print_json(plan_training(config, out, overwrite=flags.overwrite))
+            return
         summary = run_training(config, out, overwrite=flags.overwrite, show_progress=show_progress, notify=_note)
     _print_summary(summary, as_json=flags.json_output)
 
@@ -248,7 +275,7 @@ def _print_summary(summary: TrainingSummary, *, as_json: bool) -> None:
     if not summary.is_main:
         return  # under torchrun only rank 0 reports
     if as_json:
-        stdout.print_json(json.dumps(summary.as_dict()))
+        _print_json(summary.as_dict())
         return
     table = Table(title=f"{summary.config.job} · {summary.config.method.name} · {summary.run_dir}")
     for column in ("model", "role", "test top-1", "top-5", "NLL", "ECE"):
@@ -315,7 +342,7 @@ def evaluate(
         noise_std=noise_std, noise_photons=noise_photons, noise_seed=noise_seed,
     )
     if json_output:
-        stdout.print_json(json.dumps(report))
+        _print_json(report)
         return
     noise = report["noise"]
     condition = "" if noise is None else f" · noise σ={noise['std']:g}" + (f" photons={noise['photons']:g}" if noise["photons"] else "") + f" seed {noise['seed']}"
@@ -324,6 +351,30 @@ def evaluate(
     table.add_column("value", justify="right")
     for name, value in report["metrics"].items():
         table.add_row(name, f"{value:.4f}")
+    stdout.print(table)
+
+
+@app.command(epilog="Examples: kdcli predict runs/t/last.safetensors cat.jpg dog.png  ·  kdcli predict s.safetensors photos/*.jpg --top-k 3 --json")
+@reports_errors
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="A kdcli checkpoint (.safetensors).", show_default=False)],
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGE...", help="Image files (PNG, JPEG, ...).", show_default=False)],
+    top_k: Annotated[int, typer.Option("--top-k", help="How many classes to print per image.")] = 5,
+    device: DeviceOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Print the top-k classes of image files (resized and center-cropped like the image-folder recipe)."""
+    rows = classify_images(checkpoint, images, top_k=top_k, device=device or "auto")
+    if json_output:
+        _print_json(rows)
+        return
+    table = Table(title=f"predict · {checkpoint}")
+    for column in ("image", "rank", "class", "probability"):
+        table.add_column(column, justify="right" if column in ("rank", "probability") else "left")
+    for row in rows:
+        for rank, entry in enumerate(row["top"], start=1):
+            label = str(entry["class"]) if entry["name"] is None else f"{entry['class']} {entry['name']}"
+            table.add_row(row["image"] if rank == 1 else "", str(rank), escape(label), f"{entry['probability']:.4f}")
     stdout.print(table)
 
 
@@ -371,7 +422,7 @@ def convert(
     )
     report = summary.as_dict()
     if json_output:
-        stdout.print_json(json.dumps(report))
+        _print_json(report)
         return
     renamed = ", ".join(f"{old!r}->{new!r}" for old, new in summary.renamed.items()) or "none"
     stdout.print(
@@ -434,7 +485,7 @@ def sweep_checkpoints(
 
 def _print_sweep(result: SweepResult, *, as_json: bool) -> None:
     if as_json:
-        stdout.print_json(json.dumps(result.as_dict()))
+        _print_json(result.as_dict())
         return
     table = Table(title=f"sweep-checkpoints · {result.out}")
     for column in ("teacher", "teacher epoch", "teacher top-1", "teacher ECE", "teacher p* TV (train)", "student top-1"):
@@ -471,7 +522,7 @@ def methods_list(json_output: JsonOption = False) -> None:
         for plugin in plugins
     ]
     if json_output:
-        stdout.print_json(json.dumps(rows))
+        _print_json(rows)
         return
     table = Table(title="kdcli methods")
     for column in ("name", "role", "teacher", "summary", "from"):
@@ -490,7 +541,7 @@ def methods_show(name: Annotated[str, typer.Argument(help="Method name.")], json
     method = get_method(name)
     rows = _describe_params(method)
     if json_output:
-        stdout.print_json(json.dumps({"name": name, "roles": sorted(method.roles), "teacher": method.teacher_use, "params": rows}))
+        _print_json({"name": name, "roles": sorted(method.roles), "teacher": method.teacher_use, "params": rows})
         return
     stdout.print(f"[bold]{name}[/bold]: {method.summary}  (roles: {', '.join(sorted(method.roles))}; teacher: {method.teacher_use})")
     table = Table()
@@ -533,7 +584,3 @@ def root(
     version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")] = False,
 ) -> None:
     """Knowledge distillation from the command line."""
-
-
-def main() -> None:
-    app(prog_name="kdcli")

@@ -12,7 +12,7 @@ import copy
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -27,7 +27,13 @@ from pydantic import (
     model_validator,
 )
 
-from kdcli.errors import UsageError
+from kdcli.errors import UsageError, one_line
+
+MAX_DEPTH = 32  # nesting of a config file or --set value; a real config is 3 deep
+MAX_NODES = 100_000  # values in one, aliases counted each time they are used (YAML "billion laughs")
+MAX_SEED = 2**63 - 1  # torch's generators take 64-bit seeds
+MAX_LR = 1e3  # no optimizer trains with a step larger than this; 1e308 overflows float32 parameters
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 # The method a job uses when none is named: the one place this default is written.
 DEFAULT_METHODS: dict[str, str] = {"teach": "standard", "distill": "kd"}
@@ -36,7 +42,7 @@ DEFAULT_METHODS: dict[str, str] = {"teach": "standard", "distill": "kd"}
 class StrictModel(BaseModel):
     """Base for config sections: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class SyntheticConfig(StrictModel):
@@ -55,7 +61,7 @@ class SyntheticConfig(StrictModel):
     label_flip: float = Field(
         0.0, ge=0.0, lt=1.0, description="Fraction of train labels moved to another class (label noise; test untouched)."
     )
-    seed: int = 0
+    seed: Seed = 0
 
 
 class DataConfig(StrictModel):
@@ -65,7 +71,7 @@ class DataConfig(StrictModel):
     root: Path = Field(Path("data"), description="Directory holding (or receiving) downloaded data sets.")
     download: bool = False
     val_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of train held out for validation.")
-    split_seed: int = Field(0, description="Seed of the train/val split, fixed across training seeds.")
+    split_seed: Seed = Field(0, description="Seed of the train/val split, fixed across training seeds.")
     image_size: PositiveInt = Field(64, description="Side length images are resized to (imagefolder).")
     in_memory: Literal["auto"] | bool = Field(
         "auto",
@@ -84,19 +90,19 @@ class DataConfig(StrictModel):
     )
     crop_padding: NonNegativeInt | None = Field(None, description="Random-crop padding; None = the data set's recipe.")
     hflip: bool | None = Field(None, description="Random horizontal flip; None = the data set's recipe.")
-    rotation: NonNegativeFloat = Field(0.0, description="Random rotation range in degrees (0 = off).")
+    rotation: float = Field(0.0, ge=0.0, le=180.0, description="Random rotation range in degrees (0 = off).")
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
 class ModelConfig(StrictModel):
     """The network trained by this run (a timm or CIFAR-zoo model name)."""
 
-    name: str | None = Field(None, description="timm model name; None = the job's default.")
+    name: str | None = Field(None, min_length=1, description="timm model name; None = the job's default.")
 
 
 class OptimConfig(StrictModel):
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: PositiveFloat = 0.05
+    lr: float = Field(0.05, gt=0.0, le=MAX_LR)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
     weight_decay: NonNegativeFloat = 5e-4
@@ -115,7 +121,7 @@ class TrainConfig(StrictModel):
     batch_size: PositiveInt = 64
     eval_batch_size: PositiveInt = 512
     save_every: PositiveInt = Field(1, description="Keep checkpoints/epoch_NNNN.safetensors every K epochs.")
-    seed: int = 0
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
     channels_last: bool = False
@@ -192,7 +198,7 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
     for item in error.errors():
         key = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
         given = item.get("input")
-        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        shown = "" if isinstance(given, dict) else f" (got {one_line(repr(given), 80)})"
         parts.append(f"{key}: {item['msg']}{shown}")
     return "; ".join(parts)
 
@@ -218,8 +224,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
         first_line = str(exc).splitlines()[0]
         raise UsageError(f"cannot parse config file {path}: {first_line}") from None
+    except RecursionError:
+        raise UsageError(f"config file {path} is nested deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a table/mapping at the top level")
+    check_tree(data, f"config file {path}")
     return data
 
 
@@ -232,7 +241,31 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
-    return key.strip().split("."), value
+    except RecursionError:
+        raise UsageError(f"override {key.strip()}: the value is nested deeper than {MAX_DEPTH} levels") from None
+    check_tree(value, f"override {key.strip()}")
+    path = key.strip().split(".")
+    if len(path) > MAX_DEPTH:
+        raise UsageError(f"override {one_line(key, 80)}: the key is nested deeper than {MAX_DEPTH} levels")
+    return path, value
+
+
+def check_tree(value: Any, source: str) -> None:
+    """Refuse input nested deeper than ``MAX_DEPTH`` or holding more than ``MAX_NODES`` values.
+
+    Iterative and stopping at the limit: a YAML file of 500 bytes can alias
+    its way to billions of values, which must not be walked (or printed).
+    """
+    pending, count = [(value, 0)], 0
+    while pending:
+        node, depth = pending.pop()
+        count += 1
+        if depth > MAX_DEPTH:
+            raise UsageError(f"{source} is nested deeper than {MAX_DEPTH} levels")
+        if count > MAX_NODES:
+            raise UsageError(f"{source} holds more than {MAX_NODES} values (YAML aliases count each time they are used)")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        pending.extend((child, depth + 1) for child in children)
 
 
 def set_nested(tree: dict[str, Any], path: list[str], value: Any) -> None:

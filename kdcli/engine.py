@@ -295,6 +295,7 @@ class Trainer:
                 if self.run_dir.resume_path.exists():  # the epoch boundary, for a resume with another world size
                     atomic_write_bytes(self.run_dir.boundary_resume_path, self.run_dir.resume_path.read_bytes())
                 save_state(self.run_dir.resume_path, self.resume_state.build(epoch - 1, self.history, self.best, position), label=label)
+                self.run_dir.saved_state()
         self.runtime.barrier()  # no process leaves before the state is on disk
         last = f"{self.run_dir.last_path} holds epoch {epoch - 1}" if self.history else "no epoch is complete yet"
         self._stopped(f"saved the exact training state after {label} to {self.run_dir.resume_path} ({last})")
@@ -332,6 +333,7 @@ class Trainer:
             save_state(self.run_dir.resume_path, self.resume_state.build(epoch, self.history, self.best), label=f"epoch {epoch}")
             self.run_dir.boundary_resume_path.unlink(missing_ok=True)  # an older boundary than the state just saved
             self._write_epoch_files(epoch, record, improved=improved)
+            self.run_dir.saved_state()  # a run staged to replace another takes its place now
 
     def _write_epoch_files(self, epoch: int, record: dict[str, Any], *, improved: bool) -> None:
         metrics = {key: value for key, value in record.items() if isinstance(value, float)}

@@ -48,6 +48,15 @@ def unknown_name(kind: str, name: str, known: list[str]) -> UsageError:
     return UsageError(f"unknown {kind} {name!r}{hint}")
 
 
+MAX_MESSAGE = 400  # characters of a value or foreign message quoted in one error line
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` with its whitespace runs (newlines too) made single spaces, cut to ``limit`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message cut to one line, for errors that must stay one line."""
     text = str(exc).strip()

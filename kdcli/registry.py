@@ -15,7 +15,7 @@ from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from kdcli.errors import KdcliError, unknown_name
+from kdcli.errors import KdcliError, one_line, unknown_name
 from kdcli.method import API_VERSION, Method, MethodParams
 
 METHODS_GROUP = "kdcli.methods"
@@ -48,8 +48,8 @@ def _load(entry_point: EntryPoint) -> Plugin:
     plugin = Plugin(entry_point.name, entry_point.value, distribution, version)
     try:
         loaded = entry_point.load()
-    except Exception as exc:  # a broken plugin must not break kdcli: report it instead
-        return replace(plugin, error=f"{type(exc).__name__}: {exc}")
+    except (Exception, SystemExit) as exc:  # a broken plugin, even one calling sys.exit, must not end kdcli: report it
+        return replace(plugin, error=f"{type(exc).__name__}: {one_line(str(exc))}")
     return replace(plugin, loaded=loaded)
 
 

@@ -2,7 +2,7 @@
 
 Importing torch and timm costs seconds per process, so a server process
 imports kdcli once and forks one child per request; each child runs the real
-command line (``kdcli.cli.main``) in its own process, to be killed at any
+command line (``kdcli.launch.main``, the console entry point) in its own process, to be killed at any
 moment.  A child can be told to pause inside a chosen file write (in
 ``os.fsync``, before or after the rename), so a kill or a second Ctrl-C lands
 exactly there.
@@ -66,7 +66,7 @@ def _pausing_fsync(real_fsync: Callable[[int], None], pause: dict[str, Any]) -> 
 
 
 def _run_child(request: dict[str, Any]) -> int:
-    import kdcli.cli
+    import kdcli.launch
 
     for descriptor, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
         os.dup2(os.open(path, flags), descriptor)
@@ -74,7 +74,7 @@ def _run_child(request: dict[str, Any]) -> int:
         os.fsync = _pausing_fsync(os.fsync, request["pause"])
     sys.argv = ["kdcli", *request["args"]]
     try:
-        kdcli.cli.main()
+        kdcli.launch.main()
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     return 0

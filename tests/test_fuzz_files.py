@@ -151,7 +151,7 @@ def test_damaged_bytes_always_end_in_one_line_errors(kind: str, name: str, sourc
 def open_checkpoint(path: Path, bundle: DataBundle) -> None:
     """What ``kdcli eval`` and ``kdcli distill --teacher`` do with a checkpoint before using it."""
     _, info = model_from_checkpoint(path)
-    checkpoint_data_config(info, path)
+    checkpoint_data_config(info, path, root=None, download=False)
     check_fits(info, bundle, path)
 
 

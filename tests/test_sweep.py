@@ -14,6 +14,7 @@ import kdcli.jobs.sweep as sweep_job
 from conftest import TINY, run_cli
 from kdcli.engine import Trainer
 from test_bad_input import assert_clean_error
+from test_cli_end_to_end import evaluate
 
 STUDENT = ["--model", "cifar_resnet8", "--epochs", 2, "--set", "train.deterministic=true", *TINY]
 
@@ -32,6 +33,12 @@ def test_sweep_compares_two_teacher_runs(teacher_run: Path, tmp_path: Path) -> N
     for row in rows:
         assert 0.0 <= float(row["teacher_top1"]) <= 1.0 and 0.0 <= float(row["student_top1"]) <= 1.0
         assert 0.0 <= float(row["teacher_pstar_tv_train"]) <= 1.0 and float(row["teacher_ece"]) >= 0.0
+        # Each column holds what it names: independent evaluations of the teacher and student checkpoints agree.
+        teacher_eval = evaluate(Path(row["teacher_checkpoint"]))
+        student_eval = evaluate(Path(row["student_run"]) / "last.safetensors")
+        assert float(row["teacher_top1"]) == pytest.approx(teacher_eval["top1"]) and float(row["teacher_ece"]) == pytest.approx(teacher_eval["ece"])
+        assert float(row["student_top1"]) == pytest.approx(student_eval["top1"]) and float(row["student_nll"]) == pytest.approx(student_eval["nll"])
+        assert float(row["teacher_nll"]) != pytest.approx(float(row["student_nll"]))  # so a swap of the two would show
     # Same teacher weights, same recipe, deterministic: the two students agree.
     assert rows[0]["teacher_top1"] == rows[1]["teacher_top1"] and rows[0]["student_top1"] == rows[1]["student_top1"]
     entries = json.loads((out / "results.json").read_text())

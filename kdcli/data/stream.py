@@ -6,7 +6,8 @@ files in persistent workers (pinned memory on CUDA) in the order of a
 any step of an epoch without decoding the steps before it (mid-epoch resume).
 Every PIL mode (grayscale, CMYK, RGBA, palette) becomes RGB.  A file that does
 not decode travels as a marked empty row, so the main process decides:
-training skips it and counts it, or stops naming it; evaluation always stops.
+training skips it and counts it, or stops naming it; evaluation always stops, and
+a decompression bomb always stops the run by name.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from kdcli.data.recipes import EvalView, TrainRecipe, replayable, sample_seed
 from kdcli.errors import KdcliError
 
 OnCorrupt = Literal["skip", "stop"]
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
+UNREADABLE = (OSError, ValueError, SyntaxError)  # what PIL raises on files it cannot read
+BOMB = "a decompression bomb"  # PIL's guard against a tiny file that decodes to gigabytes: always refused
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class _FileDataset(Dataset):
         index, epoch = key
         try:
             image = decode_rgb(self.files[index])
+        except Image.DecompressionBombError as exc:
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), self.targets[index], index, f"{BOMB} ({exc})"
         except UNREADABLE as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), self.targets[index], index, reason
@@ -144,8 +148,9 @@ class StreamingLoader:
         self.plan.start = start
         for images, targets, index, errors in self.loader:
             bad = [position for position, error in enumerate(errors) if error]
-            if bad and not skip_corrupt:
-                position = bad[0]
+            refused = [position for position in bad if errors[position].startswith(BOMB) or not skip_corrupt]
+            if refused:
+                position = refused[0]
                 raise KdcliError(f"cannot decode image {self.split.files[int(index[position])]}: {errors[position]}")
             if bad:
                 self.skipped += len(bad)

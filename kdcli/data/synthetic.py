@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from kdcli.data.bundle import DataBundle, ImageSplit
+from kdcli.data.memory import require_memory
 from kdcli.errors import UsageError
 
 CHANNELS = 3
@@ -71,6 +72,9 @@ def make_synthetic(
     different features than the ones that define its p*(x).
     """
     _check_arguments(num_train, num_test, num_classes, vocab_size, features_per_input, image_size, patch_size)
+    # Per sample: two float32 copies of the image being drawn and the uint8 one, region draws, p*, sampling weights.
+    per_sample = CHANNELS * image_size**2 * 9 + (image_size // patch_size) ** 2 * 12 + num_classes * 8 + vocab_size * 8
+    require_memory("the synthetic data set", (num_train + num_test) * per_sample, "data.synthetic.num_train, num_test or image_size")
     if not 0.0 <= label_flip < 1.0:
         raise UsageError(f"label_flip must be in [0, 1), got {label_flip}")
     generator = torch.Generator().manual_seed(seed)

@@ -7,13 +7,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torchvision import datasets
 from torchvision.transforms import v2
 
 from kdcli.data.bundle import DataBundle, ImageSplit
+from kdcli.data.memory import require_memory
 from kdcli.data.recipes import AutoAugment, EvalView, TrainRecipe
-from kdcli.data.stream import UNREADABLE, FileSplit, OnCorrupt, decode_rgb
-from kdcli.errors import KdcliError, UsageError
+from kdcli.data.stream import BOMB, UNREADABLE, FileSplit, OnCorrupt, decode_rgb
+from kdcli.errors import KdcliError, UsageError, one_line
 
 CIFAR_STATS = {
     10: (datasets.CIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -136,14 +138,27 @@ def _file_split(dataset: datasets.ImageFolder, view: EvalView, workers: int, on_
 
 
 def _image_folder(folder: Path) -> datasets.ImageFolder:
+    _refuse_symlink_loops(folder)
     try:
-        return datasets.ImageFolder(str(folder))
+        dataset = datasets.ImageFolder(str(folder))
     except FileNotFoundError as error:  # no class folders, or no images in one
         raise KdcliError(f"no images found in {folder}: {error}") from error
+    return dataset
+
+
+def _refuse_symlink_loops(folder: Path) -> None:
+    """ImageFolder follows symlinks: one that leads back up the tree would list the same images over and over."""
+    seen: set[str] = set()
+    for current, _, _ in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen:
+            raise KdcliError(f"symlink loop or duplicate in {folder}: {current} leads to {real} again, whose images would count twice")
+        seen.add(real)
 
 
 def _decode_all(dataset: datasets.ImageFolder, image_size: int, *, skip: bool) -> tuple[ImageSplit, tuple[str, ...]]:
     """Every image decoded and center-cropped; with ``skip`` files that do not decode are left out and named."""
+    require_memory(f"{len(dataset)} images of {image_size}x{image_size} pixels", len(dataset) * 3 * image_size**2, "data.image_size")
     # Decoding stays with PIL: torchvision.io's decoders are deprecated since 0.29.
     resize = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), v2.PILToTensor()])
     images = torch.empty(len(dataset), 3, image_size, image_size, dtype=torch.uint8)
@@ -151,9 +166,11 @@ def _decode_all(dataset: datasets.ImageFolder, image_size: int, *, skip: bool) -
     for position, (file, _) in enumerate(dataset.samples):
         try:
             images[len(kept)] = resize(decode_rgb(file))
+        except Image.DecompressionBombError as error:  # PIL's guard against a tiny file decoding to gigabytes
+            raise KdcliError(f"refusing image {file}: {BOMB} ({one_line(str(error), 160)})") from None
         except UNREADABLE as error:  # PIL cannot identify or read the file
             if not skip:
-                raise KdcliError(f"cannot decode image {file}: {' '.join(str(error).split())}") from None
+                raise KdcliError(f"cannot decode image {file}: {one_line(str(error))}") from None
             unreadable.append(file)
             continue
         kept.append(position)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,13 +12,13 @@ from pydantic import ValidationError
 from torch import nn
 
 from kdcli.checkpoint import CheckpointInfo, read_checkpoint_info
-from kdcli.config import RunConfig, format_validation_error
+from kdcli.config import RunConfig, TrainConfig, build_config, format_validation_error
 from kdcli.data.augment import BatchAugment, EpochAugmentation, normalize
 from kdcli.data.bundle import DataBundle
-from kdcli.data.loading import split_loader
+from kdcli.data.loading import Split, split_loader
 from kdcli.engine import EpochObserver, Trainer, TrainingData, training_loader
 from kdcli.errors import UsageError
-from kdcli.jobs.common import TIMM_PREFIX, is_timm_teacher, new_model, training_data
+from kdcli.jobs.common import DATA_LOCATION_KEYS, TIMM_PREFIX, checkpoint_data_config, is_timm_teacher, new_model, training_data
 from kdcli.method import Method, MethodContext, MethodError, MethodParams
 from kdcli.registry import get_method
 from kdcli.rundir import RunDir
@@ -43,7 +44,30 @@ class RunSpec:
         return self.config.model.name
 
     def with_teacher(self, teacher: Path | None) -> RunSpec:
-        return RunSpec(self.config.model_copy(update={"teacher": teacher}), self.method, self.params)
+        return RunSpec(self.config.model_copy(update={"teacher": absolute_teacher(teacher)}), self.method, self.params)
+
+
+def new_run_config(job: str, *, file: Path | None, flags: dict[str, Any], overrides: list[str]) -> RunConfig:
+    """A new run's config: defaults < file < flags < ``--set``; with a teacher, its data set is the default data."""
+    config = build_config(defaults={"job": job}, file=file, flags=flags, overrides=overrides)
+    if config.job != job:  # a config file or --set may not turn one command into the other
+        raise UsageError(f"kdcli {job} runs job={job}; drop job={config.job} (or run kdcli {config.job})")
+    if config.teacher is None or is_timm_teacher(config.teacher):  # a timm teacher names no data set
+        return config
+    teacher_data = checkpoint_data_config(read_checkpoint_info(config.teacher), config.teacher, root=None, download=False)
+    data = {key: value for key, value in teacher_data.model_dump(mode="json").items() if key not in DATA_LOCATION_KEYS}
+    return build_config(defaults={"job": job, "data": data}, file=file, flags=flags, overrides=overrides)
+
+
+def absolute_teacher(teacher: Path | None) -> Path | None:
+    """A teacher file (or a timm ``local-dir:`` folder) as an absolute path: a resumed run must find it from
+    any directory; other ``timm:NAME`` references as given."""
+    local = f"{TIMM_PREFIX}local-dir:"
+    if teacher is None or (is_timm_teacher(teacher) and not str(teacher).startswith(local)):
+        return teacher
+    if is_timm_teacher(teacher):
+        return Path(local + str(Path(str(teacher).removeprefix(local)).absolute()))
+    return teacher.absolute()
 
 
 def resolve_run(config: RunConfig) -> RunSpec:
@@ -73,8 +97,11 @@ def resolve_run(config: RunConfig) -> RunSpec:
     except ValidationError as exc:
         raise UsageError(f"invalid method hyperparameters: {format_validation_error(exc, prefix='method')}") from None
     model_name = config.model.name or _default_model(config, method_cls)
+    # Paths absolute: a run resumed from another working directory must find the same files.
     resolved = config.model_copy(
         update={
+            "teacher": absolute_teacher(config.teacher),
+            "data": config.data.model_copy(update={"root": config.data.root.absolute()}),
             "model": config.model.model_copy(update={"name": model_name}),
             "method": config.method.model_validate({"name": name, **params.model_dump(mode="json")}),
         }
@@ -166,6 +193,22 @@ def checkpoint_template(spec: RunSpec, bundle: DataBundle) -> CheckpointInfo:
     )
 
 
+def check_batches(student: nn.Module, model_name: str, data: TrainingData, train: TrainConfig, runtime: Runtime) -> None:
+    """Refuse an epoch without a step, and batches of one sample for a model with batch norm (it cannot train on them)."""
+    per_rank = runtime.per_rank_batch_size(train.batch_size)
+    has_batch_norm = any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in student.modules())
+    if per_rank == 1 and has_batch_norm:
+        raise UsageError(
+            f"train.batch_size {train.batch_size} gives each process batches of 1 sample; "
+            f"the batch-norm layers of {model_name} need at least 2 to train"
+        )
+    if len(training_loader(data, train, runtime)) == 0:
+        raise UsageError(
+            f"the training split holds {len(data.train)} sample(s) per epoch, too few for one batch "
+            "(a final batch of one is dropped): lower data.val_split or use more data"
+        )
+
+
 @dataclass
 class TrainingParts:
     """What a training run is made of, built in the order that fixes its random initialization."""
@@ -194,6 +237,7 @@ def build_training(
     torch.manual_seed(config.train.seed)
     student = runtime.place(new_model(spec.model_name, num_classes=bundle.num_classes, input_size=bundle.input_size), config.train)
     data = training_data(bundle, config.data)
+    check_batches(student, spec.model_name, data, config.train, runtime)
     source = None if teacher is None else teacher_source(teacher, config, data, runtime, teacher_normalization)
     method = spec.method(spec.params, student=student, teacher=source, context=method_context(config, data, runtime, bundle.num_classes))
     observers: dict[str, EpochObserver] = {"teacher_cache": source} if isinstance(source, CachedTeacher) else {}

@@ -16,7 +16,7 @@ from kdcli.data.augment import BatchAugment
 from kdcli.data.bundle import DataBundle, DataRequest, ImageSplit, split_train_val
 from kdcli.data.vision import DataSetMissing
 from kdcli.engine import TrainingData
-from kdcli.errors import KdcliError, UsageError, first_line, unknown_name
+from kdcli.errors import KdcliError, UsageError, first_line, one_line, unknown_name
 from kdcli.models import create_model
 from kdcli.registry import get_dataset_builder, load_model_plugins, model_plugin_failures
 
@@ -31,11 +31,19 @@ def load_data(config: DataConfig) -> DataBundle:
         argument=argument or None, root=config.root, download=config.download, image_size=config.image_size,
         synthetic=config.synthetic.model_dump(), streaming=streaming,
     )
+    builder = get_dataset_builder(name)
     try:
-        return get_dataset_builder(name)(request)
+        bundle = builder(request)
     except DataSetMissing as exc:
         hint = "delete it and download again" if exc.download_tried else "pass --download to fetch it"
         raise KdcliError(f"{exc}; {hint}") from None
+    except KdcliError:
+        raise
+    except Exception as exc:  # a data-set plugin's own failure: name it, in one line
+        raise KdcliError(f"data set {name!r} failed to load: {type(exc).__name__}: {one_line(str(exc))}") from None
+    if bundle.num_classes < 2:
+        raise KdcliError(f"data set {config.name} has {bundle.num_classes} class; a classifier needs at least 2")
+    return bundle
 
 
 def training_data(bundle: DataBundle, config: DataConfig) -> TrainingData:
@@ -168,8 +176,19 @@ def model_from_checkpoint(path: Path) -> tuple[nn.Module, CheckpointInfo]:
     return model, info
 
 
-def checkpoint_data_config(info: CheckpointInfo, source: Path) -> DataConfig:
+# Data keys that say where a data set lives and whether to fetch it: never taken from a file kdcli reads.
+DATA_LOCATION_KEYS = ("root", "download")
+
+
+def checkpoint_data_config(info: CheckpointInfo, source: Path, *, root: Path | None, download: bool) -> DataConfig:
+    """The data set a checkpoint was trained on, at ``root`` (the default when None) and downloaded only if ``download``.
+
+    The file's digest proves it is whole, not who wrote it: its metadata names
+    the data set, but never chooses network access or a place to write.
+    """
+    identity = {key: value for key, value in info.data.items() if key not in DATA_LOCATION_KEYS}
+    location = {"download": download} | ({} if root is None else {"root": root})
     try:
-        return DataConfig.model_validate(info.data)
+        return DataConfig.model_validate(identity | location)
     except ValidationError as exc:
         raise KdcliError(f"{source} records an invalid data config: {format_validation_error(exc)}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from kdcli.config import DataConfig, TrainConfig, format_validation_error
+from kdcli.config import MAX_SEED, DataConfig, TrainConfig, format_validation_error
 from kdcli.data.bundle import DataBundle, ImageSplit
 from kdcli.noise import PixelNoise
 from kdcli.errors import UsageError
@@ -50,15 +51,17 @@ def evaluate_checkpoint(
         raise UsageError(f"--split must be one of {', '.join(EVAL_SPLITS)} (got {split!r})")
     if batch_size <= 0:
         raise UsageError(f"--batch-size must be positive (got {batch_size})")
+    if not 0 <= noise_seed <= MAX_SEED:
+        raise UsageError(f"--noise-seed must be in 0..{MAX_SEED} (got {noise_seed})")
     try:
         settings = TrainConfig(device=device)
     except ValidationError as exc:
         raise UsageError(f"invalid --device: {format_validation_error(exc)}") from None
     noise = input_noise(noise_std, noise_photons)
     model, info = model_from_checkpoint(checkpoint)
-    data_config = checkpoint_data_config(info, checkpoint)
-    changes = {"name": data, "root": data_root, "download": download or None}
-    data_config = data_config.model_copy(update={key: value for key, value in changes.items() if value is not None})
+    data_config = checkpoint_data_config(info, checkpoint, root=data_root, download=download)
+    if data is not None:
+        data_config = data_config.model_copy(update={"name": data})
     if bundle is None:
         bundle = load_data(data_config)
     check_fits(info, bundle, checkpoint)
@@ -113,10 +116,10 @@ class _Measure:
 
 
 def input_noise(std: float, photons: float | None) -> PixelNoise | None:
-    if std < 0:
-        raise UsageError(f"--noise-std must be >= 0 (got {std})")
-    if photons is not None and photons <= 0:
-        raise UsageError(f"--noise-photons must be positive (got {photons})")
+    if not 0 <= std < math.inf:  # also refuses NaN, which compares false with everything
+        raise UsageError(f"--noise-std must be finite and >= 0 (got {std})")
+    if photons is not None and not 0 < photons < math.inf:
+        raise UsageError(f"--noise-photons must be finite and positive (got {photons})")
     noise = PixelNoise(sigma=std, photons=photons)
     return None if noise.is_identity else noise
 

@@ -20,27 +20,25 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdcli.checkpoint import atomic_write_bytes, read_checkpoint_info
+from kdcli.checkpoint import TEMPORARY_PATTERN, atomic_write_bytes, read_checkpoint_info
 from kdcli.config import build_config, load_resolved_config
 from kdcli.data.bundle import DataBundle
 from kdcli.errors import KdcliError, UsageError
-from kdcli.jobs.common import load_data
+from kdcli.jobs.common import DATA_LOCATION_KEYS, load_data
 from kdcli.jobs.evaluate import evaluate_checkpoint
 from kdcli.jobs.build import RunSpec, resolve_run
 from kdcli.jobs.train import Notify, TrainingSummary, train
 from kdcli.registry import get_method
-from kdcli.rundir import RunDir
+from kdcli.rundir import RunDir, check_replaceable, is_kdcli_run, remove_run
 
 SWEEP_FORMAT = "kdcli-sweep"
 INTERRUPTED = 130  # the exit code of an interrupted run
-# Data keys that say where a data set lives on this machine, not what it is.
-DATA_LOCATION_KEYS = ("root", "download")
+SWEEP_FILES = ("sweep.json", "results.csv", "results.json", "sweep.png")
 COLUMNS = (
     "teacher", "teacher_epoch", "teacher_top1", "teacher_ece", "teacher_nll",
     "teacher_pstar_tv_train", "teacher_pstar_sq_l2_train",
@@ -95,7 +93,8 @@ def teacher_data(runs: list[TeacherRun]) -> dict[str, Any]:
     identities = [_data_identity(config) for config in configs]
     if any(identity != identities[0] for identity in identities):
         raise UsageError("the teacher runs were trained on different data configs; a sweep compares teachers on one data set")
-    return configs[0]
+    # Where the data lives comes from this command only, never from a file it reads.
+    return _data_identity(configs[0])
 
 
 def _data_identity(data: dict[str, Any]) -> dict[str, Any]:
@@ -123,8 +122,8 @@ def build_recipe(runs: list[TeacherRun], *, file: Path | None, flags: dict[str, 
     return resolve_run(config.model_copy(update={"teacher": runs[0].checkpoints[-1]})).with_teacher(None)
 
 
-def prepare_sweep_dir(out: Path, recipe: RunSpec, *, overwrite: bool) -> None:
-    """A new sweep directory, or the same sweep's directory to continue; anything else is refused."""
+def prepare_sweep_dir(out: Path, recipe: RunSpec, *, overwrite: bool, reads: tuple[Path, ...] = ()) -> None:
+    """A new sweep directory, or the same sweep's directory to continue; replacing one spares ``reads`` and the user's files."""
     manifest = out / "sweep.json"
     record = {"format": SWEEP_FORMAT, "recipe": recipe.config.model_dump(mode="json")}
     if out.exists() and not out.is_dir():
@@ -136,9 +135,25 @@ def prepare_sweep_dir(out: Path, recipe: RunSpec, *, overwrite: bool) -> None:
         if saved.get("format") != SWEEP_FORMAT or _comparable(saved.get("recipe", {})) != _comparable(record["recipe"]):
             raise UsageError(f"{out} holds a sweep with a different recipe; choose another --out or pass --overwrite")
         return
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()):
+        check_replaceable(out, reads, marker="sweep.json")
+        _remove_sweep(out)
     atomic_write_bytes(manifest, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def _remove_sweep(out: Path) -> None:
+    """Delete what a sweep wrote: its own files and its students' runs; anything else in ``out`` stays."""
+    for name in SWEEP_FILES:
+        (out / name).unlink(missing_ok=True)
+    for leftover in out.glob(TEMPORARY_PATTERN):
+        leftover.unlink()
+    for entry_dir in out.glob("students/*/*"):
+        if is_kdcli_run(entry_dir):
+            (entry_dir / "entry.json").unlink(missing_ok=True)
+            remove_run(entry_dir)
+    for folder in [*out.glob("students/*"), out / "students"]:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _comparable(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -156,8 +171,10 @@ def run_sweep(
     notify: Notify | None = None,
 ) -> SweepResult:
     """Distill one student per selected teacher checkpoint, then write the results and the plot."""
-    prepare_sweep_dir(out, recipe, overwrite=overwrite)
-    sweep = _Sweep(recipe, out, load_data(recipe.config.data), show_progress, notify)
+    reads = tuple(checkpoint for run in runs for checkpoint in run.checkpoints)
+    bundle = load_data(recipe.config.data)  # a data set that fails to load leaves the disk untouched
+    prepare_sweep_dir(out, recipe, overwrite=overwrite, reads=reads)
+    sweep = _Sweep(recipe, out, bundle, show_progress, notify)
     entries = [(run, checkpoint) for run in runs for checkpoint in run.checkpoints]
     rows = []
     for done, (run, checkpoint) in enumerate(entries, start=1):

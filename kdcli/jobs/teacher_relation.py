@@ -1,8 +1,8 @@
 """How a distillation run's teacher relates to its student, named in the run summary.
 
 Yuan et al. (CVPR 2020) show that KD also helps when the teacher has the
-student's own architecture (self-distillation), is weaker than the student
-(reversed KD) or is poorly trained (defective KD).  None of these needs a
+student's own architecture (self-distillation), is smaller and weaker than the
+student (reversed KD: the roles swapped) or is poorly trained (defective KD).  None of these needs a
 method of its own: ``distill`` takes any checkpoint that predicts the data
 set's classes.  This module only names the situation, from facts every run
 has: architectures, parameter counts, the teacher checkpoint's epoch within
@@ -69,13 +69,19 @@ class TeacherRelation:
 
     @property
     def kind(self) -> str:
-        """The paper's name for the situation; the first that applies wins."""
+        """The paper's name for the situation; the first that applies wins.
+
+        Reversed KD is the roles swapped: a smaller, weaker network teaching a
+        larger one.  A teacher at least as large that is still less accurate
+        than its student is poorly trained: the defective-teacher case, early
+        checkpoint or not.
+        """
         if self.early_checkpoint and self.less_accurate_teacher:
             return "defective KD"
         if self.same_architecture:
             return "self-distillation"
         if self.less_accurate_teacher:
-            return "reversed KD"
+            return "reversed KD" if self.smaller_teacher else "defective KD"
         return "standard KD"
 
     def facts(self) -> list[str]:

@@ -14,11 +14,11 @@ from kdcli.config import RunConfig, load_resolved_config
 from kdcli.data.bundle import DataBundle, ImageSplit
 from kdcli.inference import predict
 from kdcli.jobs.build import RunSpec, TrainingParts, build_training, resolve_run
-from kdcli.jobs.common import check_fits, is_timm_teacher, load_data, load_teacher, require_model
+from kdcli.jobs.common import check_fits, is_timm_teacher, load_data, load_teacher, require_model, training_data
 from kdcli.jobs.teacher_relation import TeacherRelation
 from kdcli.metrics import classification_report, topk_accuracy
 from kdcli.errors import UsageError
-from kdcli.rundir import RunDir, RunDirExists, existing_run_dir, prepare_run_dir
+from kdcli.rundir import RunDir, RunDirExists, existing_run_dir, plan_run_dir
 from kdcli.runtime import Runtime, runtime_for
 from kdcli.teacher import Normalization
 
@@ -97,15 +97,61 @@ def run_training(
 ) -> TrainingSummary:
     """Train ``config.model`` with ``config.method`` into run directory ``out``.
 
-    With ``resume`` the run's saved config replaces ``config`` and training
+    With ``resume`` the run's saved config (of the same job) replaces ``config`` and training
     continues from the saved state: after the last completed epoch, or at the
     exact step where a signal stopped it; with no state saved yet it starts
     over.  Everything that can be wrong with the input is checked before the
     run directory is touched.
     """
     if resume:
-        config = load_resolved_config(existing_run_dir(out).config_path)
+        saved = load_resolved_config(existing_run_dir(out).config_path)
+        if saved.job != config.job:
+            raise UsageError(f"{out} is a {saved.job} run; continue it with kdcli {saved.job} --resume {out}")
+        config = saved
     return train(resolve_run(config), out, resume=resume, overwrite=overwrite, show_progress=show_progress, notify=notify)
+
+
+def plan_training(config: RunConfig, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """What ``run_training`` would do, checked as far as it goes without writing: the resolved config and the plan.
+
+    Every default is filled in, the data set's augmentation recipe included;
+    nothing is written and no network is trained.
+    """
+    spec = resolve_run(config)
+    require_model(spec.model_name)
+    bundle = load_data(spec.config.data)
+    teacher = None
+    if spec.config.teacher is not None:
+        teacher = load_teacher(spec.config.teacher)[1]
+        _check_teacher_fits(teacher, bundle, spec.config.teacher)
+    replaces = _new_run_dir(out, spec.config, overwrite=overwrite).replaces
+    data = training_data(bundle, spec.config.data)
+    recipe = {key: value for key, value in data.augment.facts().items() if key in ("crop_padding", "hflip")}
+    resolved = spec.config.model_copy(update={"data": spec.config.data.model_copy(update=recipe)})
+    per_epoch = -(-len(data.train) // spec.config.train.batch_size)
+    return {
+        "config": resolved.model_dump(mode="json"),
+        "plan": {
+            "run_dir": str(out),
+            "action": "replace" if replaces is not None else "create",
+            "model": spec.model_name,
+            "teacher": None if teacher is None else {"path": str(spec.config.teacher), "arch": teacher.arch, "epoch": teacher.epoch},
+            "data": {
+                "name": bundle.name, "num_classes": bundle.num_classes, "input_size": list(bundle.input_size),
+                "mean": list(bundle.mean), "std": list(bundle.std),
+                "num_train": len(data.train), "num_val": 0 if data.val is None else len(data.val), "num_test": len(bundle.test),
+            },
+            "steps_per_epoch": per_epoch,
+            "total_steps": per_epoch * spec.config.train.epochs,
+        },
+    }
+
+
+def _check_teacher_fits(info: CheckpointInfo, bundle: DataBundle, source: Path) -> None:
+    try:
+        check_fits(info, bundle, source, any_image_size=is_timm_teacher(source))
+    except UsageError as exc:
+        raise UsageError(f"{exc}; distill takes the teacher's data set unless --data or --set data.* change it") from None
 
 
 def train(
@@ -131,9 +177,10 @@ def train(
     teacher, teacher_info = None, None
     if config.teacher is not None:
         teacher, teacher_info = load_teacher(config.teacher)
-        check_fits(teacher_info, bundle, config.teacher, any_image_size=is_timm_teacher(config.teacher))
+        _check_teacher_fits(teacher_info, bundle, config.teacher)
     with runtime_for(config.train) as runtime:
-        run_dir = _open_run_dir(out, config, runtime, resume=resume, overwrite=overwrite)
+        run_dir = _plan_run_dir(out, config, runtime, resume=resume, overwrite=overwrite)
+        # Built before the run directory is made: a wrong method argument must leave nothing on disk.
         normalization = None if teacher_info is None else (teacher_info.mean, teacher_info.std)
         parts = build_training(spec, bundle, teacher, runtime, run_dir, show_progress=show_progress, teacher_normalization=normalization)
         if resume:
@@ -143,12 +190,19 @@ def train(
             teacher_clean = check_teacher(parts.teacher.network, teacher_info, parts, bundle, runtime)
             for line in teacher_clean.lines(verbose=show_progress) if runtime.is_main and notify else []:
                 notify(line)
-        history = parts.trainer.fit()
+        if not resume and runtime.is_main:
+            run_dir.create()
+            run_dir.write_config(config.model_dump(mode="json"))
+        try:
+            history = parts.trainer.fit()
+        except BaseException:
+            run_dir.discard_staged()  # a replacement that never saved a state leaves the old run as it was
+            raise
         return _summarize(spec, parts, history, bundle, runtime, run_dir, teacher_info, teacher_clean)
 
 
-def _open_run_dir(out: Path, config: RunConfig, runtime: Runtime, *, resume: bool, overwrite: bool) -> RunDir:
-    """The run directory: cleaned of cut-short writes when resuming, else created with the config (rank 0 writes)."""
+def _plan_run_dir(out: Path, config: RunConfig, runtime: Runtime, *, resume: bool, overwrite: bool) -> RunDir:
+    """The run directory, not yet touched: cleaned of cut-short writes when resuming, else planned (rank 0 creates it)."""
     if resume:
         run_dir = existing_run_dir(out)
         if runtime.is_main:
@@ -156,12 +210,15 @@ def _open_run_dir(out: Path, config: RunConfig, runtime: Runtime, *, resume: boo
         return run_dir
     if not runtime.is_main:
         return RunDir(out)
+    return _new_run_dir(out, config, overwrite=overwrite)
+
+
+def _new_run_dir(out: Path, config: RunConfig, *, overwrite: bool) -> RunDir:
+    reads = () if config.teacher is None or is_timm_teacher(config.teacher) else (config.teacher,)
     try:
-        run_dir = prepare_run_dir(out, overwrite=overwrite)
+        return plan_run_dir(out, overwrite=overwrite, reads=reads)
     except RunDirExists as exc:
         raise UsageError(f"{exc}; pass --resume {out} to continue it or --overwrite to replace it") from None
-    run_dir.write_config(config.model_dump(mode="json"))
-    return run_dir
 
 
 def check_teacher(teacher: nn.Module, info: CheckpointInfo, parts: TrainingParts, bundle: DataBundle, runtime: Runtime) -> TeacherCheck:
