@@ -120,7 +120,7 @@ COMPILED = ["train.compile=true", "train.channels_last=true", "train.precision=b
 
 @pytest.mark.parametrize(
     "overrides",
-    [["job=teach", "method.name=standard"], ["job=distill", "method.name=feature-mimic", "model.name=cifar_resnet8x4", "method.layers=[1,2]", "method.kd_weight=0.5"]],
+    [["job=teach", "method.name=standard", "model.name=cifar_resnet8"], ["job=distill", "method.name=feature-mimic", "model.name=cifar_resnet8x4", "method.layers=[1,2]", "method.kd_weight=0.5"]],
     ids=["teach", "feature-mimic"],
 )
 def test_compiled_step_does_not_recompile_in_later_epochs(overrides: list[str], teacher_run: Path, tmp_path: Path) -> None:
