@@ -198,8 +198,13 @@ def measure(settings: Settings, bundle: DataBundle, log: Log, deadline: float) -
     """Every loop at every batch size, the RepDistiller-style loop first; none starts after the deadline."""
     results = []
     for batch_size in settings.batch_sizes:
-        jobs: list[tuple[str, Callable[[], Result]]] = [("repdistiller-style", lambda: repdistiller_result(settings, bundle, batch_size))]
-        jobs += [(f"kdcli {variant}", lambda variant=variant: kdcli_throughput(settings, bundle, batch_size, variant)) for variant in settings.variants]
+        jobs: list[tuple[str, Callable[[], Result]]] = [
+            ("repdistiller-style", lambda size=batch_size: repdistiller_result(settings, bundle, size))
+        ]
+        jobs += [
+            (f"kdcli {variant}", lambda size=batch_size, variant=variant: kdcli_throughput(settings, bundle, size, variant))
+            for variant in settings.variants
+        ]
         for name, job in jobs:
             if time.monotonic() > deadline:
                 results.append(Result(name, batch_size, skipped="time budget spent"))
