@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 PLUGIN_EXAMPLES := examples/kdcli-dkd
 EXPERIMENT_ARGS ?=
 
-.PHONY: venv install demo test bench experiment-tfkd experiment-feature-mimic experiment-soteacher experiment-fusion clean
+.PHONY: venv install demo test bench gpu-wheels gpu-check gpu-check-cpu experiment-tfkd experiment-feature-mimic experiment-soteacher experiment-fusion clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,30 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks
+
+# A GPU machine runs its image's python3 and torch, offline.  `make gpu-wheels` (here, with internet)
+# downloads what such an image lacks for kdcli (pydantic and its needs, setuptools to build kdcli)
+# into $(GPU_WHEELS) for the GPU machine's Python; `make gpu-check` (there) installs them and kdcli
+# beside its torch (benchmarks/gpu_setup.sh), runs the CUDA tests and the CIFAR-100 speed check, and
+# writes gpu_check.json and gpu_check.log to $$OUT (else runs/gpu-check): about 8 minutes on one GPU.
+GPU_WHEELS ?= .whl
+GPU_PYTHON_VERSION ?= 3.12
+GPU_PLATFORMS := $(foreach n,2_28 2_27 2_17,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64
+GPU_SITE ?= /tmp/kdcli-site
+GPU_CHECK_ARGS ?=
+gpu-wheels: $(VENV)/.installed
+	rm -rf $(GPU_WHEELS)
+	$(BIN)/python -m pip download --quiet --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) --implementation cp \
+		$(GPU_PLATFORMS) -d $(GPU_WHEELS) "pydantic>=2" "setuptools>=77"
+	ls $(GPU_WHEELS)
+
+gpu-check:
+	bash benchmarks/gpu_setup.sh $(GPU_WHEELS) $(GPU_SITE)
+	PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+# The same check scaled down on this machine's CPU: proves the script end to end (a few minutes).
+gpu-check-cpu: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.gpu_check --device cpu --smoke $(GPU_CHECK_ARGS)
 
 # Teacher-free KD on the synthetic data set (about 8 minutes on 2 idle cores); EXPERIMENT_ARGS="--epochs 10".
 experiment-tfkd: $(VENV)/.installed

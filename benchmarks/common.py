@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -41,3 +43,36 @@ def report(name: str, baseline_label: str, baseline: float, candidate_label: str
     ratio = candidate / baseline
     suffix = f"  (target {target})" if target else ""
     print(f"{name}: {baseline_label} {baseline:.4g} {unit}, {candidate_label} {candidate:.4g} {unit}, ratio {ratio:.3f}x{suffix}", flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so host clocks time it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def gpu_utilization(device: torch.device, every_s: float = 0.05) -> Iterator[list[float]]:
+    """NVML's GPU utilization (percent) sampled while the block runs; empty on a CPU or without NVML bindings."""
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(every_s):
+            samples.append(float(torch.cuda.utilization(device)))
+
+    thread = None
+    if device.type == "cuda":
+        try:
+            torch.cuda.utilization(device)  # raises without NVML bindings (pynvml / nvidia-ml-py)
+        except Exception:  # noqa: BLE001 - whatever NVML raises, utilization is simply not reported
+            pass
+        else:
+            thread = threading.Thread(target=sample, daemon=True)
+            thread.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        if thread is not None:
+            thread.join()

@@ -9,6 +9,7 @@ from typing import Any
 
 
 from kdcli.config import RunConfig
+from kdcli.data.bundle import DataBundle
 from kdcli.engine import Trainer
 from kdcli.jobs.build import build_training, resolve_run
 from kdcli.jobs.common import load_data, model_from_checkpoint
@@ -47,15 +48,19 @@ class Workload:
         return RunConfig.model_validate(tree)
 
 
-def build_trainer(config: RunConfig, workload: Workload, run_dir: Path, teacher_path: Path | None = None) -> Trainer:
+def build_trainer(
+    config: RunConfig, workload: Workload, run_dir: Path, teacher_path: Path | None = None, *, bundle: DataBundle | None = None
+) -> Trainer:
     """Exactly what a training run assembles, minus the run directory's files.
 
     The teacher is untrained unless ``teacher_path`` names a checkpoint, which
-    ``train.cache_teacher`` also needs (its tables live beside it).
+    ``train.cache_teacher`` also needs (its tables live beside it).  ``bundle``:
+    the data set ``config.data`` names, when already loaded (large synthetic
+    sets take seconds to generate).
     """
     spec = resolve_run(config)
     load_model_plugins()
-    bundle = load_data(spec.config.data)
+    bundle = bundle or load_data(spec.config.data)
     runtime = setup_runtime(spec.config.train)
     teacher = None
     if spec.method.teacher_use != "none":

@@ -94,7 +94,9 @@ class Trainer:
             data.val, batch_size=train.eval_batch_size, shuffle=False, device=runtime.device,
             num_replicas=runtime.world_size, rank=runtime.rank,
         )
-        self.optimizer = build_optimizer([p for p in self.parameters if p.requires_grad], config.optim)
+        self.optimizer = build_optimizer(
+            [p for p in self.parameters if p.requires_grad], config.optim, fused=runtime.device.type == "cuda"
+        )
         self.scheduler = build_scheduler(self.optimizer, config.schedule, epochs=train.epochs, steps_per_epoch=len(self.train_loader))
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.autocast_dtype is torch.float16)
         self.resume_state = ResumeState(

@@ -10,11 +10,14 @@ from torch import nn
 from kdcli.config import OptimConfig, ScheduleConfig
 
 
-def build_optimizer(parameters: list[nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(parameters: list[nn.Parameter], optim: OptimConfig, *, fused: bool = False) -> torch.optim.Optimizer:
+    """``fused`` (for CUDA parameters): one kernel per step, and the fp16 gradient scaler
+    hands its inf check to the kernel instead of reading it on the host every step."""
     if optim.name == "adamw":
-        return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
+        return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay, fused=fused or None)
     return torch.optim.SGD(
-        parameters, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, weight_decay=optim.weight_decay
+        parameters, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, weight_decay=optim.weight_decay,
+        fused=fused or None,
     )
 
 

@@ -120,7 +120,10 @@ class Runtime:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             module = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
         if train.compile:
-            module = torch.compile(module)
+            # Static shapes: an epoch's smaller last batch gets a graph of its own.  Left to
+            # automatic dynamic shapes it would recompile the step shape-generic, and that graph,
+            # tried first from then on, would run every later full batch with slower kernels.
+            module = torch.compile(module, dynamic=False)
         return module
 
     def place(self, module: nn.Module, train: TrainConfig) -> nn.Module:

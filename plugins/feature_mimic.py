@@ -91,7 +91,14 @@ class Connector(nn.Module):
         return self.project(student), teacher
 
     def _pool(self, feature: Tensor) -> Tensor:
-        return feature if tuple(feature.shape[2:]) == self.size else F.adaptive_avg_pool2d(feature, self.size)
+        size = tuple(feature.shape[2:])
+        if size == self.size:
+            return feature
+        if all(have % want == 0 for have, want in zip(size, self.size)):
+            # The same average as adaptive pooling when the sizes divide, but its CUDA backward is
+            # deterministic: adaptive pooling's raises under train.deterministic.
+            return F.avg_pool2d(feature, tuple(have // want for have, want in zip(size, self.size)))
+        return F.adaptive_avg_pool2d(feature, self.size)
 
 
 class FeatureMimic(Method):
