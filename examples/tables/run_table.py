@@ -81,7 +81,7 @@ def train(run: Run, out: Path, overrides: list[str]) -> float:
     """Test top-1 of the run's last epoch: trains it, continues it, or reads it back when finished."""
     directory = run.directory(out)
     if (directory / "resume.safetensors").is_file():
-        summary = run_training(build_config(), directory, resume=True)  # a finished run returns at once
+        summary = run_training(build_config(flags={"job": run.job}), directory, resume=True)  # a finished run returns at once
     else:
         flags: dict[str, Any] = {"job": run.job, "train": {"seed": run.seed}}
         if run.teacher is not None:

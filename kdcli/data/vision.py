@@ -94,6 +94,8 @@ def load_imagefolder(
     if in_memory is True or (in_memory == "auto" and decoded <= memory_budget_gb * 2**30):
         (train, unreadable), (test, _) = (_decode_all(dataset, image_size, skip=on_corrupt == "skip" and dataset is train_set) for dataset in (train_set, val_set))
         return replace(_bundle(len(train_set.classes), image_size, train, test), unreadable=unreadable)
+    # Streamed views are made a batch at a time: refuse sizes no batch of them could fit (float32 after normalizing).
+    require_memory(f"a batch of 64 views of {image_size}x{image_size} pixels", 64 * 3 * image_size**2 * 4, "data.image_size")
     view = EvalView(image_size, crop_pct)
     count = min(8, os.cpu_count() or 1) if workers is None else workers
     train, test = (_file_split(dataset, view, count, on_corrupt) for dataset in (train_set, val_set))
