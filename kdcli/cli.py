@@ -1,6 +1,7 @@
 """The ``kdcli`` command line: parse, build the config, call a job, print the result.
 
-No training logic lives here.  Every ``KdcliError`` becomes one line on stderr
+No training logic lives here.  Jobs (and so torch) are imported inside the
+command bodies: ``kdcli --help`` and ``kdcli COMMAND --help`` never load them.  Every ``KdcliError`` becomes one line on stderr
 and an exit code (2: wrong invocation, 1: runtime failure, 130: interrupted).
 """
 
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Optional, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, Optional, get_type_hints
 
 import typer
 from rich.console import Console
@@ -26,14 +27,13 @@ from typer._click import exceptions as click_exceptions  # Typer vendors click s
 from typer.core import TyperGroup
 
 from kdcli import __version__
-from kdcli.config import DEFAULT_METHODS, build_config
+from kdcli.defaults import API_VERSION, DEFAULT_METHODS, EVAL_SPLITS
 from kdcli.errors import KdcliError, ResumeHint, UsageError
-from kdcli.jobs.convert import InputSpec, convert_checkpoint
-from kdcli.jobs.evaluate import EVAL_SPLITS, evaluate_checkpoint
-from kdcli.jobs.sweep import SweepResult, build_recipe, find_teacher_runs, run_sweep
-from kdcli.jobs.train import TrainingSummary, run_training
-from kdcli.method import API_VERSION, Method
-from kdcli.registry import get_method, method_plugins
+
+if TYPE_CHECKING:  # the jobs import torch: command bodies import them, so --help stays fast
+    from kdcli.jobs.sweep import SweepResult
+    from kdcli.jobs.train import TrainingSummary
+    from kdcli.method import Method
 
 class KdcliGroup(TyperGroup):
     """Click's usage errors as one ``kdcli: error:`` line, like every other failure."""
@@ -216,6 +216,9 @@ def training_options(*, without: tuple[str, ...] = ()) -> Callable[[Callable[...
 
 
 def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFlags) -> None:
+    from kdcli.config import build_config
+    from kdcli.jobs.train import run_training
+
     show_progress = not flags.quiet
     if flags.resume is not None:
         given = flags.given_flags() + ["--method"] * (method is not None) + ["--teacher"] * (teacher is not None)
@@ -310,6 +313,8 @@ def evaluate(
     json_output: JsonOption = False,
 ) -> None:
     """Report top-1/top-5, NLL, ECE, Brier (and the distance to p* on synthetic data), on clean or noisy inputs."""
+    from kdcli.jobs.evaluate import evaluate_checkpoint
+
     report = evaluate_checkpoint(
         checkpoint, data=data, data_root=data_root, download=download, split=split, device=device or "auto", batch_size=batch_size,
         noise_std=noise_std, noise_photons=noise_photons, noise_seed=noise_seed,
@@ -362,6 +367,8 @@ def convert(
     json_output: JsonOption = False,
 ) -> None:
     """Import a model trained elsewhere (e.g. a RepDistiller teacher) as a kdcli checkpoint."""
+    from kdcli.jobs.convert import InputSpec, convert_checkpoint
+
     if num_classes is not None and num_classes <= 0:
         raise UsageError(f"--num-classes must be positive (got {num_classes})")
     spec = InputSpec(num_classes, _input_size(input_size), _numbers(mean, "--mean", float), _numbers(std, "--std", float))
@@ -410,6 +417,8 @@ def sweep_checkpoints(
     quiet: QuietOption = False,
 ) -> None:
     """Distill a student from every saved teacher checkpoint with one recipe; tabulate and plot teacher vs student."""
+    from kdcli.jobs.sweep import build_recipe, find_teacher_runs, run_sweep
+
     runs = find_teacher_runs(teacher_runs, every)
     flags = TrainingFlags(
         model=model, data_root=data_root, download=download, epochs=epochs, batch_size=batch_size, lr=lr, save_every=save_every, seed=seed, device=device,
@@ -456,7 +465,9 @@ def _print_sweep(result: SweepResult, *, as_json: bool) -> None:
 @methods_app.command("list")
 @reports_errors
 def methods_list(json_output: JsonOption = False) -> None:
-    """Every installed method with its role, summary and providing distribution."""
+    """Every installed method with its role, summary and providing distribution (imports each plugin, so torch)."""
+    from kdcli.registry import method_plugins
+
     plugins = method_plugins()
     rows = [
         {
@@ -487,6 +498,8 @@ def methods_list(json_output: JsonOption = False) -> None:
 @reports_errors
 def methods_show(name: Annotated[str, typer.Argument(help="Method name.")], json_output: JsonOption = False) -> None:
     """A method's hyperparameters: type, default and help (set with --set method.KEY=VALUE)."""
+    from kdcli.registry import get_method
+
     method = get_method(name)
     rows = _describe_params(method)
     if json_output:

@@ -27,10 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from kdcli.defaults import DEFAULT_METHODS
 from kdcli.errors import UsageError
-
-# The method a job uses when none is named: the one place this default is written.
-DEFAULT_METHODS: dict[str, str] = {"teach": "standard", "distill": "kd"}
 
 
 class StrictModel(BaseModel):

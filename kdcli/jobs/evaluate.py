@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from kdcli.config import DataConfig, TrainConfig, format_validation_error
+from kdcli.defaults import EVAL_SPLITS
 from kdcli.data.bundle import DataBundle, ImageSplit
 from kdcli.noise import PixelNoise
 from kdcli.errors import UsageError
@@ -18,8 +19,6 @@ from kdcli.inference import InputTransform, predict
 from kdcli.jobs.common import check_fits, checkpoint_data_config, evaluation_split, load_data, model_from_checkpoint
 from kdcli.metrics import classification_report, distance_to_true_distribution
 from kdcli.runtime import runtime_for
-
-EVAL_SPLITS = ("test", "val", "train")
 
 
 def evaluate_checkpoint(
