@@ -31,6 +31,7 @@ from kdcli.defaults import API_VERSION, DEFAULT_METHODS, EVAL_SPLITS
 from kdcli.errors import KdcliError, ResumeHint, UsageError
 
 if TYPE_CHECKING:  # the jobs import torch: command bodies import them, so --help stays fast
+    from kdcli.config import RunConfig
     from kdcli.jobs.sweep import SweepResult
     from kdcli.jobs.train import TrainingSummary
     from kdcli.method import Method
@@ -127,6 +128,7 @@ ResumeOption = Annotated[Optional[Path], typer.Option("--resume", help="Continue
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-epoch lines.")]
+SeedsOption = Annotated[Optional[str], typer.Option("--seeds", help="Train once per seed into RUN_DIR/seed-N and print mean ± std: 0,1,2 or 0-4 (rerun to continue).", show_default=False)]
 CacheTeacherOption = Annotated[bool, typer.Option("--cache-teacher", help="Compute the teacher's logits once and reuse them across epochs and runs (train.cache_teacher).")]
 
 
@@ -158,6 +160,7 @@ class TrainingFlags:
     lr: LrOption = _sets("optim", "lr")
     save_every: SaveEveryOption = _sets("train", "save_every")
     seed: SeedOption = _sets("train", "seed")
+    seeds: SeedsOption = None
     device: DeviceOption = _sets("train", "device")
     config: ConfigOption = None
     set: SetOption = None
@@ -217,28 +220,76 @@ def training_options(*, without: tuple[str, ...] = ()) -> Callable[[Callable[...
 
 def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFlags) -> None:
     from kdcli.config import build_config
+    from kdcli.jobs.seeds import is_seed_group, saved_group
     from kdcli.jobs.train import run_training
 
     show_progress = not flags.quiet
+    seeds = parse_seeds(flags.seeds)
     if flags.resume is not None:
         given = flags.given_flags() + ["--method"] * (method is not None) + ["--teacher"] * (teacher is not None)
         if given:
             raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+        if is_seed_group(flags.resume):
+            _train_seeds(*saved_group(flags.resume), flags.resume, flags)
+            return
         summary = run_training(build_config(), flags.resume, resume=True, show_progress=show_progress, notify=_note)
-    else:
-        tree = flags.config_tree() | {"job": job}
-        if method is not None:
-            tree["method"] = {"name": method}
-        if teacher is not None:
-            tree["teacher"] = str(teacher)
-        config = build_config(
-            file=flags.config,
-            flags=tree,
-            overrides=flags.set or [],
-        )
-        out = flags.out or _default_out(job, config.method.name)
-        summary = run_training(config, out, overwrite=flags.overwrite, show_progress=show_progress, notify=_note)
+        _print_summary(summary, as_json=flags.json_output)
+        return
+    if seeds is not None and flags.seed is not None:
+        raise UsageError("give --seed or --seeds, not both")
+    tree = flags.config_tree() | {"job": job}
+    if method is not None:
+        tree["method"] = {"name": method}
+    if teacher is not None:
+        tree["teacher"] = str(teacher)
+    config = build_config(file=flags.config, flags=tree, overrides=flags.set or [])
+    out = flags.out or _default_out(job, config.method.name)
+    if seeds is not None:
+        _train_seeds(config, seeds, out, flags)
+        return
+    summary = run_training(config, out, overwrite=flags.overwrite, show_progress=show_progress, notify=_note)
     _print_summary(summary, as_json=flags.json_output)
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """``0,1,2``, ``0-4`` or a mix (``0-2,7``) as a list of distinct seeds, in order."""
+    if text is None:
+        return None
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not (first.isdigit() and (not dash or last.isdigit())):
+            raise UsageError(f"--seeds takes seeds and ranges such as 0,1,2 or 0-4 (got {text!r})")
+        span = range(int(first), int(last if dash else first) + 1)
+        if not span:
+            raise UsageError(f"--seeds range {part.strip()!r} is empty: write it low-high")
+        seeds.extend(seed for seed in span if seed not in seeds)
+    return seeds
+
+
+def _train_seeds(config: RunConfig, seeds: list[int], out: Path, flags: TrainingFlags) -> None:
+    from kdcli.jobs.seeds import run_seeds
+
+    def report(seed: int, summary: dict[str, Any], read_back: bool) -> None:
+        if not flags.quiet:
+            how = " (finished before, read back)" if read_back else ""
+            _note(f"seed {seed}: test top-1 {summary['test']['top1']:.4f}{how}")
+
+    if not flags.quiet:
+        _note(f"seeds {', '.join(map(str, seeds))} into {out}/seed-N (rerun the same command, or --resume {out}, to continue)")
+    result = run_seeds(config, out, seeds, overwrite=flags.overwrite, show_progress=not flags.quiet, notify=_note, on_seed=report)
+    if flags.json_output:
+        stdout.print_json(json.dumps(result.as_dict()))
+        return
+    per_seed = result.per_seed
+    table = Table(title=f"{result.job} · {result.method} · {len(per_seed)} seeds · {result.out}")
+    table.add_column("metric")
+    table.add_column("mean ± std", justify="right")
+    for seed in per_seed:
+        table.add_column(f"seed {seed}", justify="right")
+    for name, stats in result.aggregate.items():
+        table.add_row(name, f"{stats['mean']:.4f} ± {stats['std']:.4f}", *(f"{values[name]:.4f}" for values in per_seed.values()))
+    stdout.print(table)
 
 
 def _default_out(job: str, method: str) -> Path:
@@ -407,6 +458,7 @@ def sweep_checkpoints(
     lr: LrOption = None,
     save_every: Annotated[Optional[int], typer.Option("--save-every", help="Student checkpoint every K epochs (default: last only).", show_default=False)] = None,
     seed: SeedOption = None,
+    seeds: SeedsOption = None,
     device: DeviceOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -417,8 +469,11 @@ def sweep_checkpoints(
     quiet: QuietOption = False,
 ) -> None:
     """Distill a student from every saved teacher checkpoint with one recipe; tabulate and plot teacher vs student."""
-    from kdcli.jobs.sweep import build_recipe, find_teacher_runs, run_sweep
+    from kdcli.jobs.sweep import build_recipe, find_teacher_runs, run_seeded_sweep, run_sweep
 
+    seed_list = parse_seeds(seeds)
+    if seed_list is not None and seed is not None:
+        raise UsageError("give --seed or --seeds, not both")
     runs = find_teacher_runs(teacher_runs, every)
     flags = TrainingFlags(
         model=model, data_root=data_root, download=download, epochs=epochs, batch_size=batch_size, lr=lr, save_every=save_every, seed=seed, device=device,
@@ -437,8 +492,22 @@ def sweep_checkpoints(
             line = f"[{done}/{total}] {row['teacher']} epoch {row['teacher_epoch']}: teacher {row['teacher_top1']:.4f}, student {row['student_top1']:.4f}"
             stderr.print(line, markup=False, soft_wrap=True)
 
-    result = run_sweep(runs, recipe, out, overwrite=overwrite, show_progress=not quiet, on_entry=report_entry, notify=_note)
-    _print_sweep(result, as_json=json_output)
+    options = {"show_progress": not quiet, "on_entry": report_entry, "notify": _note}
+    if seed_list is None:
+        _print_sweep(run_sweep(runs, recipe, out, overwrite=overwrite, **options), as_json=json_output)
+        return
+    seeded = run_seeded_sweep(runs, recipe, out, seed_list, overwrite=overwrite, **options)
+    if json_output:
+        stdout.print_json(json.dumps(seeded.as_dict()))
+        return
+    table = Table(title=f"sweep-checkpoints · seeds {', '.join(map(str, seed_list))} · {seeded.out}")
+    for column in ("teacher", "teacher epoch", "teacher top-1", "student top-1 (mean ± std)", "student ECE (mean ± std)"):
+        table.add_column(column, justify="left" if column == "teacher" else "right")
+    for row in seeded.rows:
+        table.add_row(row["teacher"], str(row["teacher_epoch"]), f"{row['teacher_top1']:.4f}",
+                      f"{row['student_top1_mean']:.4f} ± {row['student_top1_std']:.4f}", f"{row['student_ece_mean']:.4f} ± {row['student_ece_std']:.4f}")
+    stdout.print(table)
+    stdout.print(f"results: {seeded.out / 'results.json'}; each seed's sweep, table and plot in {seeded.out}/seed-N", markup=False, soft_wrap=True)
 
 
 def _print_sweep(result: SweepResult, *, as_json: bool) -> None:

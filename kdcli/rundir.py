@@ -18,7 +18,7 @@ class RunDirExists(UsageError):
 
 @dataclass(frozen=True)
 class RunDir:
-    """``config.json``, ``metrics.jsonl``, ``last.safetensors``, ``best.safetensors``, ``resume.safetensors``, ``checkpoints/``."""
+    """``config.json``, ``metrics.jsonl``, ``summary.json``, ``last.safetensors``, ``best.safetensors``, ``resume.safetensors``, ``checkpoints/``."""
 
     root: Path
 
@@ -43,6 +43,11 @@ class RunDir:
         return self.root / "resume.safetensors"
 
     @property
+    def summary_path(self) -> Path:
+        """Written once training finished: the job's summary (``kdcli compare`` reads it)."""
+        return self.root / "summary.json"
+
+    @property
     def checkpoints_dir(self) -> Path:
         return self.root / "checkpoints"
 
@@ -54,6 +59,9 @@ class RunDir:
 
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_bytes(self.config_path, (json.dumps(config, indent=2) + "\n").encode())
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_bytes(self.summary_path, (json.dumps(summary, indent=2) + "\n").encode())
 
     def write_history(self, records: list[dict[str, Any]]) -> None:
         """Rewrite ``metrics.jsonl`` whole, so it always matches the resume state."""

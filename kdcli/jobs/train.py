@@ -140,7 +140,10 @@ def train(
             for line in teacher_clean.lines(verbose=show_progress) if runtime.is_main and notify else []:
                 notify(line)
         history = parts.trainer.fit()
-        return _summarize(spec, parts, history, bundle, runtime, run_dir, teacher_info, teacher_clean)
+        summary = _summarize(spec, parts, history, bundle, runtime, run_dir, teacher_info, teacher_clean)
+        if runtime.is_main:
+            run_dir.write_summary(summary.as_dict())
+        return summary
 
 
 def _open_run_dir(out: Path, config: RunConfig, runtime: Runtime, *, resume: bool, overwrite: bool) -> RunDir:
