@@ -531,6 +531,62 @@ def _print_sweep(result: SweepResult, *, as_json: bool) -> None:
         stdout.print("plot: skipped, matplotlib is missing (pip install 'kdcli[plot]')", markup=False)
 
 
+RunDirsArgument = Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run directories or seed groups (--seeds).", show_default=False)]
+
+
+@app.command(epilog="Examples: kdcli compare runs/kd runs/dkd  ·  kdcli compare runs/kd-seeds runs/dkd-seeds --csv > table.csv  ·  kdcli compare runs/* --json")
+@reports_errors
+def compare(
+    run_dirs: RunDirsArgument,
+    json_output: JsonOption = False,
+    csv_output: Annotated[bool, typer.Option("--csv", help="Print the table as CSV (every metric, mean and std).")] = False,
+) -> None:
+    """One table of the final and best metrics of runs (a seed group shows mean ± std over its seeds)."""
+    from kdcli.jobs.compare import TABLE_METRICS, compare_runs, rows_csv
+
+    if json_output and csv_output:
+        raise UsageError("give --json or --csv, not both")
+    rows = compare_runs(run_dirs)
+    if json_output:
+        stdout.print_json(json.dumps(rows))
+        return
+    if csv_output:
+        sys.stdout.write(rows_csv(rows))
+        return
+    table = Table(title="kdcli compare", caption="test/*: the deployed model on the test split; best/*: the epoch with the highest val top-1; a seed group shows mean ± std")
+    for column in ("run", "method", "model", "seeds", "epochs", *TABLE_METRICS):
+        table.add_column(column, justify="left" if column in ("run", "method", "model") else "right", no_wrap=True)
+    for row in rows:
+        cells = [_stat_cell(row["metrics"].get(name), integer=name == "best/epoch") for name in TABLE_METRICS]
+        seeds = "-" if row["seeds"] is None else str(len(row["seeds"]))
+        table.add_row(escape(row["label"]), row["method"] or "", row["model"] or "", seeds, str(row["epochs"]), *cells)
+    # A table of many columns: into a pipe or file at its natural width, not squeezed to 80 columns.
+    (stdout if stdout.is_terminal else Console(width=240)).print(table)
+    for row in rows:
+        if row["unfinished"]:
+            _note(f"note: {row['label']}: not finished, no test metrics: {', '.join(row['unfinished'])}")
+
+
+def _stat_cell(stats: dict[str, float] | None, *, integer: bool = False) -> str:
+    if stats is None:
+        return "-"
+    digits = ".1f" if integer and stats["n"] > 1 else ".0f" if integer else ".4f"
+    return f"{stats['mean']:{digits}}" + (f"±{stats['std']:{digits}}" if stats["n"] > 1 else "")
+
+
+@app.command(epilog="Examples: kdcli plot runs/kd runs/adaptive-fusion -o curves.png  ·  kdcli plot runs/kd-seeds -o kd.png")
+@reports_errors
+def plot(
+    run_dirs: RunDirsArgument,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The PNG file to write.", show_default=False)],
+) -> None:
+    """Learning curves of runs side by side: each loss term, train/val top-1, lr and the method's per-epoch numbers."""
+    from kdcli.jobs.plot import plot_runs
+
+    titles = plot_runs(run_dirs, output)
+    stdout.print(f"plot: {output} ({len(titles)} panels: {', '.join(titles)})", markup=False, soft_wrap=True)
+
+
 @methods_app.command("list")
 @reports_errors
 def methods_list(json_output: JsonOption = False) -> None:
