@@ -129,6 +129,7 @@ OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an e
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-epoch lines.")]
 SeedsOption = Annotated[Optional[str], typer.Option("--seeds", help="Train once per seed into RUN_DIR/seed-N and print mean ± std: 0,1,2 or 0-4 (rerun to continue).", show_default=False)]
+LogOption = Annotated[Optional[str], typer.Option("--log", help="Experiment trackers, comma-separated: tensorboard, wandb, mlflow (log.to; each its own extra).", show_default=False)]
 CacheTeacherOption = Annotated[bool, typer.Option("--cache-teacher", help="Compute the teacher's logits once and reuse them across epochs and runs (train.cache_teacher).")]
 
 
@@ -168,6 +169,7 @@ class TrainingFlags:
     resume: ResumeOption = _with_resume()
     overwrite: OverwriteOption = False
     cache_teacher: CacheTeacherOption = _sets("train", "cache_teacher", False)
+    log: LogOption = _sets("log", "to")
     json_output: JsonOption = _with_resume(False)
     quiet: QuietOption = _with_resume(False)
 

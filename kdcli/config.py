@@ -24,6 +24,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -124,6 +125,26 @@ class TrainConfig(StrictModel):
         return self
 
 
+class LogConfig(StrictModel):
+    """Experiment trackers (``kdcli.loggers`` plugins): each gets the config, every epoch record and the summary."""
+
+    to: list[str] = Field(default_factory=list, description="Logger names, e.g. [tensorboard, wandb, mlflow] (kdcli.loggers entry points).")
+    project: str = Field("kdcli", description="The W&B project / MLflow experiment the run is logged under.")
+    name: str | None = Field(None, description="The run's name in the trackers; None = the run directory's name.")
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("to")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+
 class MethodConfig(BaseModel):
     """The method's name plus its hyperparameters (validated by the method itself)."""
 
@@ -149,6 +170,7 @@ class RunConfig(StrictModel):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+    log: LogConfig = LogConfig()
 
     @model_validator(mode="after")
     def _job_default_method(self) -> RunConfig:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, run_cli
+from conftest import TINY, run_cli
 
 
 @pytest.fixture(scope="module")

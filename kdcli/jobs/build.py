@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -19,7 +20,7 @@ from kdcli.engine import EpochObserver, Trainer, TrainingData, training_loader
 from kdcli.errors import UsageError
 from kdcli.jobs.common import new_model, training_data
 from kdcli.method import Method, MethodContext, MethodParams
-from kdcli.registry import get_method
+from kdcli.registry import check_logger_names, get_method
 from kdcli.rundir import RunDir
 from kdcli.runtime import Runtime
 from kdcli.step import Batch
@@ -61,6 +62,7 @@ def resolve_run(config: RunConfig) -> RunSpec:
         raise UsageError(f"method {name!r} uses no teacher network{note}; drop --teacher")
     if config.train.cache_teacher and config.teacher is None:
         raise UsageError("train.cache_teacher (--cache-teacher) caches a teacher's outputs; pass --teacher CKPT.safetensors")
+    check_logger_names(config.log.to)
     try:
         params = method_cls.Params.model_validate(config.method.params)
     except ValidationError as exc:
@@ -155,7 +157,14 @@ class TrainingParts:
 
 
 def build_training(
-    spec: RunSpec, bundle: DataBundle, teacher: nn.Module | None, runtime: Runtime, run_dir: RunDir, *, show_progress: bool
+    spec: RunSpec,
+    bundle: DataBundle,
+    teacher: nn.Module | None,
+    runtime: Runtime,
+    run_dir: RunDir,
+    *,
+    show_progress: bool,
+    record_hooks: Sequence[Callable[[dict[str, Any]], None]] = (),
 ) -> TrainingParts:
     """Student, teacher source, method and trainer; the student draws its initialization from the run's seed."""
     config = spec.config
@@ -166,6 +175,7 @@ def build_training(
     method = spec.method(spec.params, student=student, teacher=source, context=method_context(config, data, runtime, bundle.num_classes))
     observers: dict[str, EpochObserver] = {"teacher_cache": source} if isinstance(source, CachedTeacher) else {}
     trainer = Trainer(
-        method, data, config, runtime, run_dir, checkpoint_template(spec, bundle), show_progress=show_progress, observers=observers
+        method, data, config, runtime, run_dir, checkpoint_template(spec, bundle), show_progress=show_progress, observers=observers,
+        record_hooks=record_hooks,
     )
     return TrainingParts(data, source, method, trainer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +19,9 @@ from kdcli.jobs.common import check_fits, load_data, model_from_checkpoint, requ
 from kdcli.jobs.teacher_relation import TeacherRelation
 from kdcli.metrics import classification_report, topk_accuracy
 from kdcli.errors import UsageError
+from kdcli.loggers import LoggerHub, LoggerRun, RunLogger
 from kdcli.rundir import RunDir, RunDirExists, existing_run_dir, prepare_run_dir
+from kdcli.registry import get_logger
 from kdcli.runtime import Runtime, runtime_for
 
 Notify = Callable[[str], None]  # where a job's notes go (the CLI prints them on stderr)
@@ -131,19 +134,42 @@ def train(
         check_fits(teacher_info, bundle, config.teacher)
     with runtime_for(config.train) as runtime:
         run_dir = _open_run_dir(out, config, runtime, resume=resume, overwrite=overwrite)
-        parts = build_training(spec, bundle, teacher, runtime, run_dir, show_progress=show_progress)
-        if resume:
-            parts.trainer.resume()
-        teacher_clean = None
-        if parts.teacher is not None and teacher_info is not None:
-            teacher_clean = check_teacher(parts.teacher.network, teacher_info.arch, parts, bundle, runtime)
-            for line in teacher_clean.lines(verbose=show_progress) if runtime.is_main and notify else []:
-                notify(line)
-        history = parts.trainer.fit()
-        summary = _summarize(spec, parts, history, bundle, runtime, run_dir, teacher_info, teacher_clean)
-        if runtime.is_main:
-            run_dir.write_summary(summary.as_dict())
-        return summary
+        hub = open_loggers(config, run_dir, resume, notify) if runtime.is_main else None
+        summary = None
+        try:
+            parts = build_training(spec, bundle, teacher, runtime, run_dir, show_progress=show_progress,
+                                   record_hooks=() if hub is None else (hub.log_epoch,))
+            if resume:
+                parts.trainer.resume()
+            teacher_clean = None
+            if parts.teacher is not None and teacher_info is not None:
+                teacher_clean = check_teacher(parts.teacher.network, teacher_info.arch, parts, bundle, runtime)
+                for line in teacher_clean.lines(verbose=show_progress) if runtime.is_main and notify else []:
+                    notify(line)
+            history = parts.trainer.fit()
+            summary = _summarize(spec, parts, history, bundle, runtime, run_dir, teacher_info, teacher_clean)
+            if runtime.is_main:
+                run_dir.write_summary(summary.as_dict())
+            return summary
+        finally:
+            if hub is not None:
+                hub.finish(None if summary is None else summary.as_dict())
+                hub.close()
+
+
+def open_loggers(config: RunConfig, run_dir: RunDir, resumed: bool, notify: Notify | None) -> LoggerHub | None:
+    """The run's ``log.to`` trackers, started with the resolved config; None when there are none."""
+    if not config.log.to:
+        return None
+    warn = notify or (lambda line: print(line, file=sys.stderr))
+    hub = LoggerHub({name: _logger_factory(name) for name in config.log.to}, warn)
+    name = config.log.name or run_dir.root.resolve().name
+    hub.start(LoggerRun(run_dir.root, name, config.log.project, config.model_dump(mode="json"), resumed))
+    return hub
+
+
+def _logger_factory(name: str) -> Callable[[], RunLogger]:
+    return lambda: get_logger(name)()
 
 
 def _open_run_dir(out: Path, config: RunConfig, runtime: Runtime, *, resume: bool, overwrite: bool) -> RunDir:
