@@ -383,6 +383,16 @@ def evaluate(
     for name, value in report["metrics"].items():
         table.add_row(name, f"{value:.4f}")
     stdout.print(table)
+    if report["lineage"]:
+        stdout.print("lineage: " + " <- ".join([report["arch"], *map(_teacher_words, report["lineage"])]), markup=False, soft_wrap=True)
+
+
+def _teacher_words(teacher: dict[str, Any]) -> str:
+    """``cifar_resnet14 (standard, epoch 3, sha256 1a2b3c4d, clean val top-1 0.8123)``."""
+    facts = [teacher.get("method", "?"), f"epoch {teacher.get('epoch', '?')}", f"sha256 {str(teacher.get('sha256', ''))[:12]}"]
+    if teacher.get("clean_top1") is not None:
+        facts.append(f"clean {teacher.get('clean_split', 'val')} top-1 {teacher['clean_top1']:.4f}")
+    return f"{teacher.get('arch', '?')} ({', '.join(facts)})"
 
 
 def _numbers(text: str | None, flag: str, kind: type[float] | type[int]) -> tuple[Any, ...] | None:
@@ -587,6 +597,31 @@ def plot(
 
     titles = plot_runs(run_dirs, output)
     stdout.print(f"plot: {output} ({len(titles)} panels: {', '.join(titles)})", markup=False, soft_wrap=True)
+
+
+@app.command(epilog="Examples: kdcli export runs/s/last.safetensors hub/student  ·  kdcli export runs/s/best.safetensors hub/student --push me/resnet18-kd")
+@reports_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A kdcli checkpoint (.safetensors).", show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(help="The folder to write: model.safetensors, config.json, README.md.", show_default=False)],
+    push: Annotated[Optional[str], typer.Option("--push", help="Also upload the folder to this Hugging Face Hub repo (needs huggingface_hub and a login).", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing, non-empty OUT_DIR.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Write a checkpoint as the folder timm loads from the Hub: timm.create_model("local-dir:OUT_DIR", pretrained=True)."""
+    from kdcli.jobs.export import export_checkpoint
+
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise UsageError(f"{out_dir} already exists and is not empty; choose another OUT_DIR or pass --overwrite")
+    result = export_checkpoint(checkpoint, out_dir, overwrite=overwrite, push_to=push)
+    if json_output:
+        stdout.print_json(json.dumps(result.as_dict()))
+        return
+    stdout.print(f"{result.checkpoint} -> {result.out}: model.safetensors, config.json, README.md ({result.arch})", markup=False, soft_wrap=True)
+    load = f'timm.create_model("local-dir:{result.out}", pretrained=True)'
+    stdout.print(f"load: {load}" + ("" if result.timm_native else " after `import kdcli.models` (a kdcli architecture)"), markup=False, soft_wrap=True)
+    if result.pushed_to:
+        stdout.print(f"pushed: https://huggingface.co/{result.pushed_to}", markup=False, soft_wrap=True)
 
 
 @methods_app.command("list")

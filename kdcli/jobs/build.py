@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from kdcli.checkpoint import CheckpointInfo, read_checkpoint_info
+from kdcli.checkpoint import CheckpointInfo, checkpoint_digest, read_checkpoint_info
 from kdcli.config import RunConfig, format_validation_error
 from kdcli.data.augment import EpochAugmentation, normalize
 from kdcli.data.bundle import DataBundle
@@ -131,6 +131,16 @@ def teacher_source(network: nn.Module, config: RunConfig, data: TrainingData, ru
     )
 
 
+def teacher_lineage(path: Path) -> dict[str, Any]:
+    """What a student records about its teacher: the file's digest, architecture, accuracy, and its own lineage."""
+    info = read_checkpoint_info(path)
+    teacher = {
+        "file": str(path), "sha256": checkpoint_digest(path), "arch": info.arch, "method": info.method,
+        "epoch": info.epoch, "val_top1": info.metrics.get("val_top1"),
+    }
+    return {"teacher": teacher | ({"lineage": info.lineage} if info.lineage else {})}
+
+
 def checkpoint_template(spec: RunSpec, bundle: DataBundle) -> CheckpointInfo:
     config = spec.config
     return CheckpointInfo(
@@ -143,6 +153,7 @@ def checkpoint_template(spec: RunSpec, bundle: DataBundle) -> CheckpointInfo:
         epoch=0,
         data=config.data.model_dump(mode="json"),
         config=config.model_dump(mode="json"),
+        lineage={} if config.teacher is None else teacher_lineage(config.teacher),
     )
 
 

@@ -76,7 +76,18 @@ def evaluate_checkpoint(
         "num_samples": len(samples),
         "noise": None if noise is None else {"std": noise_std, "photons": noise_photons, "seed": noise_seed},
         "metrics": metrics,
+        "lineage": teacher_chain(info.lineage),
     }
+
+
+def teacher_chain(lineage: dict[str, Any]) -> list[dict[str, Any]]:
+    """The teachers a checkpoint descends from, nearest first (each without its own nested lineage)."""
+    chain = []
+    while isinstance(lineage.get("teacher"), dict):
+        teacher = lineage["teacher"]
+        chain.append({key: value for key, value in teacher.items() if key != "lineage"})
+        lineage = teacher.get("lineage") or {}
+    return chain
 
 
 @dataclass(frozen=True)

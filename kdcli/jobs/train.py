@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,11 @@ class TeacherCheck:
     @property
     def weak(self) -> bool:
         return self.top1 < self.min_top1
+
+    def recorded_in(self, info: CheckpointInfo) -> CheckpointInfo:
+        """The student's checkpoint metadata with this clean accuracy in its teacher lineage."""
+        teacher = info.lineage.get("teacher", {}) | {"clean_top1": self.top1, "clean_split": self.split}
+        return replace(info, lineage=info.lineage | {"teacher": teacher})
 
     def lines(self, *, verbose: bool) -> list[str]:
         lines = [f"teacher {self.arch}: clean {self.split} top-1 {self.top1:.4f}"] if verbose else []
@@ -144,6 +149,7 @@ def train(
             teacher_clean = None
             if parts.teacher is not None and teacher_info is not None:
                 teacher_clean = check_teacher(parts.teacher.network, teacher_info.arch, parts, bundle, runtime)
+                parts.trainer.checkpoint_template = teacher_clean.recorded_in(parts.trainer.checkpoint_template)
                 for line in teacher_clean.lines(verbose=show_progress) if runtime.is_main and notify else []:
                     notify(line)
             history = parts.trainer.fit()
