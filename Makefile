@@ -8,6 +8,7 @@ PYTEST_ARGS ?=
 # Plugin packages shipped as examples: installed beside kdcli, their tests run with the suite.
 PLUGIN_EXAMPLES := examples/kdcli-dkd
 EXPERIMENT_ARGS ?=
+BENCH ?=
 
 .PHONY: venv install demo test bench experiment-tfkd experiment-feature-mimic experiment-soteacher experiment-fusion clean
 
@@ -33,7 +34,7 @@ test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks $(BENCH)
 
 # Teacher-free KD on the synthetic data set (about 8 minutes on 2 idle cores); EXPERIMENT_ARGS="--epochs 10".
 experiment-tfkd: $(VENV)/.installed
