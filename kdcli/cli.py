@@ -32,7 +32,7 @@ from kdcli.errors import KdcliError, ResumeHint, UsageError
 
 if TYPE_CHECKING:  # the jobs import torch: command bodies import them, so --help stays fast
     from kdcli.config import RunConfig
-    from kdcli.jobs.sweep import SweepResult
+    from kdcli.jobs.sweep import SeededSweepResult, SweepResult
     from kdcli.jobs.train import TrainingSummary
     from kdcli.method import Method
 
@@ -508,11 +508,14 @@ def sweep_checkpoints(
     if seed_list is None:
         _print_sweep(run_sweep(runs, recipe, out, overwrite=overwrite, **options), as_json=json_output)
         return
-    seeded = run_seeded_sweep(runs, recipe, out, seed_list, overwrite=overwrite, **options)
-    if json_output:
+    _print_seeded_sweep(run_seeded_sweep(runs, recipe, out, seed_list, overwrite=overwrite, **options), as_json=json_output)
+
+
+def _print_seeded_sweep(seeded: SeededSweepResult, *, as_json: bool) -> None:
+    if as_json:
         stdout.print_json(json.dumps(seeded.as_dict()))
         return
-    table = Table(title=f"sweep-checkpoints · seeds {', '.join(map(str, seed_list))} · {seeded.out}")
+    table = Table(title=f"sweep-checkpoints · seeds {', '.join(map(str, seeded.sweeps))} · {seeded.out}")
     for column in ("teacher", "teacher epoch", "teacher top-1", "student top-1 (mean ± std)", "student ECE (mean ± std)"):
         table.add_column(column, justify="left" if column == "teacher" else "right")
     for row in seeded.rows:

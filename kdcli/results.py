@@ -2,7 +2,7 @@
 
 A run directory holds ``config.json``, ``metrics.jsonl`` (one record per epoch)
 and, once training finished, ``summary.json`` (the job's summary, test metrics
-included).  A seed group (``--seeds``) holds ``seeds.json`` and one run
+included).  A seed group (one config trained with several seeds) holds ``seeds.json`` and one run
 directory per seed, ``seed-N/``.  Everything here is read from those files.
 """
 

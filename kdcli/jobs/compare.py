@@ -10,7 +10,7 @@ from typing import Any
 from kdcli.errors import UsageError
 from kdcli.results import ResultSet, aggregate, best_epoch, read_results
 
-# The columns of the table, in order; --json and --csv carry every metric.
+# The metric columns of the table, in order; the JSON and CSV forms carry every metric.
 TABLE_METRICS = ("test/top1", "test/nll", "test/ece", "val_top1", "best/val_top1", "best/epoch")
 
 

@@ -85,7 +85,7 @@ def plot_runs(paths: list[Path], output: Path) -> list[str]:
     if not paths:
         raise UsageError("give at least one run directory")
     if output.suffix.lower() != ".png":
-        raise UsageError(f"-o takes a .png file (got {output})")
+        raise UsageError(f"the plot is written as PNG: name a .png file (got {output})")
     sets = [read_results(path) for path in paths]
     chosen = panels(sets)
     if not chosen:

@@ -75,10 +75,10 @@ def prepare_group_dir(out: Path, config: RunConfig, seeds: list[int], *, overwri
         raise UsageError(f"run directory {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         if not manifest.is_file():
-            raise UsageError(f"run directory {out} already exists and is not a seed group; choose another --out or pass --overwrite")
+            raise UsageError(f"run directory {out} already exists and is not a seed group; choose another run directory or overwrite it")
         saved = _read_manifest(out)
         if saved.get("format") != SEEDS_FORMAT or saved.get("recipe") != record["recipe"]:
-            raise UsageError(f"{out} holds a seed group with a different config; choose another --out or pass --overwrite")
+            raise UsageError(f"{out} holds a seed group with a different config; choose another run directory or overwrite it")
     elif out.exists() and overwrite:
         shutil.rmtree(out)
     atomic_write_bytes(manifest, (json.dumps(record, indent=2) + "\n").encode())

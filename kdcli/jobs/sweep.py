@@ -281,9 +281,9 @@ class SeededSweepResult:
 def run_seeded_sweep(runs: list[TeacherRun], recipe: RunSpec, out: Path, seeds: list[int], *, overwrite: bool = False, **options: Any) -> SeededSweepResult:
     """The same sweep once per seed under ``out/seed-N`` (each continues like a sweep), then aggregated rows."""
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
+        raise UsageError(f"sweep directory {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite and not any(out.glob("seed-*/sweep.json")):
-        raise UsageError(f"{out} exists and is not a kdcli sweep directory; choose another --out or pass --overwrite")
+        raise UsageError(f"{out} exists and is not a kdcli sweep directory; choose another sweep directory or overwrite it")
     if out.exists() and overwrite:
         shutil.rmtree(out)
     sweeps = {}
