@@ -73,7 +73,9 @@ def clear_caches() -> None:
 
 
 def _registered_twice(kind: str, name: str, matches: list[EntryPoint]) -> str:
-    sources = " and ".join(f"{_distribution(ep)[0]} ({ep.value})" for ep in matches)
+    # Sorted: the order entry points are found in follows the file system's directory order.
+    ordered = sorted(matches, key=lambda ep: (_distribution(ep)[0], ep.value))
+    sources = " and ".join(f"{_distribution(ep)[0]} ({ep.value})" for ep in ordered)
     return f"{kind} {name!r} is registered twice: by {sources}; uninstall one of them"
 
 
