@@ -8,6 +8,7 @@ PYTEST_ARGS ?=
 # Plugin packages shipped as examples: installed beside kdcli, their tests run with the suite.
 PLUGIN_EXAMPLES := examples/kdcli-dkd
 EXPERIMENT_ARGS ?=
+BENCH ?=
 
 .PHONY: venv install demo test bench gpu-wheels gpu-check gpu-check-cpu experiment-tfkd experiment-feature-mimic experiment-soteacher experiment-fusion clean
 
@@ -17,7 +18,7 @@ $(BIN)/python:
 
 # Re-install when the package metadata (dependencies, entry points) changes.
 $(VENV)/.installed: pyproject.toml $(PLUGIN_EXAMPLES:%=%/pyproject.toml) | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[test,plot]" $(PLUGIN_EXAMPLES:%=-e %)
+	$(BIN)/python -m pip install --quiet -e ".[test,plot,tensorboard,wandb,mlflow,hub]" $(PLUGIN_EXAMPLES:%=-e %)
 	touch $@
 
 venv install: $(VENV)/.installed
@@ -33,7 +34,7 @@ test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks $(BENCH)
 
 # A GPU machine runs its image's python3 and torch, offline.  `make gpu-wheels` (here, with internet)
 # downloads what such an image lacks for kdcli (pydantic and its needs, setuptools to build kdcli)

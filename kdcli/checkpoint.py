@@ -59,6 +59,8 @@ class CheckpointInfo:
     data: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    # Where the weights come from: {"teacher": {arch, sha256, epoch, method, top1, split, lineage}} for a student.
+    lineage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def in_chans(self) -> int:
@@ -96,6 +98,7 @@ class _InfoFields(BaseModel):
     data: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     config: dict[str, Any] = {}
+    lineage: dict[str, Any] = {}
 
     @model_validator(mode="after")
     def _normalization_fits_channels(self) -> _InfoFields:
@@ -245,6 +248,11 @@ def _check_format(metadata: dict[str, str], expected_format: str, path: Path, no
 def read_checkpoint_info(path: Path) -> CheckpointInfo:
     """What a checkpoint says about itself, from its header alone (no digest check)."""
     return CheckpointInfo.from_metadata(_read_metadata(path), path)
+
+
+def checkpoint_digest(path: Path) -> str:
+    """The SHA-256 digest a kdcli file was written with (its contents' identity), from the header alone."""
+    return _read_metadata(path).get(DIGEST_KEY, "")
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:

@@ -1,6 +1,7 @@
 """The ``kdcli`` command line: parse, build the config, call a job, print the result.
 
-No training logic lives here.  Every ``KdcliError`` becomes one line on stderr
+No training logic lives here.  Jobs (and so torch) are imported inside the
+command bodies: ``kdcli --help`` and ``kdcli COMMAND --help`` never load them.  Every ``KdcliError`` becomes one line on stderr
 and an exit code (2: wrong invocation, 1: runtime failure, 130: interrupted).
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Optional, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, Optional, get_type_hints
 
 import typer
 from rich.console import Console
@@ -27,16 +28,14 @@ from typer._click import exceptions as click_exceptions  # Typer vendors click s
 from typer.core import TyperGroup
 
 from kdcli import __version__
-from kdcli.config import DEFAULT_METHODS, build_config
+from kdcli.defaults import API_VERSION, DEFAULT_METHODS, EVAL_SPLITS
 from kdcli.errors import KdcliError, ResumeHint, UsageError, one_line
-from kdcli.jobs.convert import InputSpec, convert_checkpoint
-from kdcli.jobs.evaluate import EVAL_SPLITS, evaluate_checkpoint
-from kdcli.jobs.sweep import SweepResult, build_recipe, find_teacher_runs, run_sweep
-from kdcli.jobs.build import new_run_config
-from kdcli.jobs.classify import classify_images
-from kdcli.jobs.train import TrainingSummary, plan_training, run_training
-from kdcli.method import API_VERSION, Method
-from kdcli.registry import get_method, method_plugins
+
+if TYPE_CHECKING:  # the jobs import torch: command bodies import them, so --help stays fast
+    from kdcli.config import RunConfig
+    from kdcli.jobs.sweep import SeededSweepResult, SweepResult
+    from kdcli.jobs.train import TrainingSummary
+    from kdcli.method import Method
 
 MAX_ERROR = 2000  # characters of one error line: a message quoting a huge input must stay readable
 
@@ -154,6 +153,8 @@ OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace an e
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Check everything, print the fully resolved config and the run plan as JSON, and exit without training or writing.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-epoch lines.")]
+SeedsOption = Annotated[Optional[str], typer.Option("--seeds", help="Train once per seed into RUN_DIR/seed-N and print mean ± std: 0,1,2 or 0-4 (rerun to continue).", show_default=False)]
+LogOption = Annotated[Optional[str], typer.Option("--log", help="Experiment trackers, comma-separated: tensorboard, wandb, mlflow (log.to; each its own extra).", show_default=False)]
 CacheTeacherOption = Annotated[bool, typer.Option("--cache-teacher", help="Compute the teacher's logits once and reuse them across epochs and runs (train.cache_teacher).")]
 
 
@@ -185,6 +186,7 @@ class TrainingFlags:
     lr: LrOption = _sets("optim", "lr")
     save_every: SaveEveryOption = _sets("train", "save_every")
     seed: SeedOption = _sets("train", "seed")
+    seeds: SeedsOption = None
     device: DeviceOption = _sets("train", "device")
     config: ConfigOption = None
     set: SetOption = None
@@ -193,6 +195,7 @@ class TrainingFlags:
     overwrite: OverwriteOption = False
     cache_teacher: CacheTeacherOption = _sets("train", "cache_teacher", False)
     dry_run: DryRunOption = False
+    log: LogOption = _sets("log", "to")
     json_output: JsonOption = _with_resume(False)
     quiet: QuietOption = _with_resume(False)
 
@@ -244,25 +247,81 @@ def training_options(*, without: tuple[str, ...] = ()) -> Callable[[Callable[...
 
 
 def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFlags) -> None:
+    from kdcli.config import build_config
+    from kdcli.jobs.build import new_run_config
+    from kdcli.jobs.seeds import is_seed_group, saved_group
+    from kdcli.jobs.train import plan_training, run_training
+
     show_progress = not flags.quiet
+    seeds = parse_seeds(flags.seeds)
     if flags.resume is not None:
         given = flags.given_flags() + ["--method"] * (method is not None) + ["--teacher"] * (teacher is not None)
         if given:
             raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
-        summary = run_training(build_config(flags={"job": job}), flags.resume, resume=True, show_progress=show_progress, notify=_note)
-    else:
-        tree = flags.config_tree()
-        if method is not None:
-            tree["method"] = {"name": method}
-        if teacher is not None:
-            tree["teacher"] = str(teacher)
-        config = new_run_config(job, file=flags.config, flags=tree, overrides=flags.set or [])
-        out = flags.out or _default_out(job, config.method.name)
-        if flags.dry_run:
-            _print_json(plan_training(config, out, overwrite=flags.overwrite))
+        if is_seed_group(flags.resume):
+            _train_seeds(*saved_group(flags.resume), flags.resume, flags)
             return
-        summary = run_training(config, out, overwrite=flags.overwrite, show_progress=show_progress, notify=_note)
+        summary = run_training(build_config(flags={"job": job}), flags.resume, resume=True, show_progress=show_progress, notify=_note)
+        _print_summary(summary, as_json=flags.json_output)
+        return
+    if seeds is not None and flags.seed is not None:
+        raise UsageError("give --seed or --seeds, not both")
+    tree = flags.config_tree()
+    if method is not None:
+        tree["method"] = {"name": method}
+    if teacher is not None:
+        tree["teacher"] = str(teacher)
+    config = new_run_config(job, file=flags.config, flags=tree, overrides=flags.set or [])
+    out = flags.out or _default_out(job, config.method.name)
+    if flags.dry_run:
+        _print_json(plan_training(config, out, overwrite=flags.overwrite))
+        return
+    if seeds is not None:
+        _train_seeds(config, seeds, out, flags)
+        return
+    summary = run_training(config, out, overwrite=flags.overwrite, show_progress=show_progress, notify=_note)
     _print_summary(summary, as_json=flags.json_output)
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """``0,1,2``, ``0-4`` or a mix (``0-2,7``) as a list of distinct seeds, in order."""
+    if text is None:
+        return None
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not (first.isdigit() and (not dash or last.isdigit())):
+            raise UsageError(f"--seeds takes seeds and ranges such as 0,1,2 or 0-4 (got {text!r})")
+        span = range(int(first), int(last if dash else first) + 1)
+        if not span:
+            raise UsageError(f"--seeds range {part.strip()!r} is empty: write it low-high")
+        seeds.extend(seed for seed in span if seed not in seeds)
+    return seeds
+
+
+def _train_seeds(config: RunConfig, seeds: list[int], out: Path, flags: TrainingFlags) -> None:
+    from kdcli.jobs.seeds import run_seeds
+
+    def report(seed: int, summary: dict[str, Any], read_back: bool) -> None:
+        if not flags.quiet:
+            how = " (finished before, read back)" if read_back else ""
+            _note(f"seed {seed}: test top-1 {summary['test']['top1']:.4f}{how}")
+
+    if not flags.quiet:
+        _note(f"seeds {', '.join(map(str, seeds))} into {out}/seed-N (rerun the same command, or --resume {out}, to continue)")
+    result = run_seeds(config, out, seeds, overwrite=flags.overwrite, show_progress=not flags.quiet, notify=_note, on_seed=report)
+    if flags.json_output:
+        stdout.print_json(json.dumps(result.as_dict()))
+        return
+    per_seed = result.per_seed
+    table = Table(title=f"{result.job} · {result.method} · {len(per_seed)} seeds · {result.out}")
+    table.add_column("metric")
+    table.add_column("mean ± std", justify="right")
+    for seed in per_seed:
+        table.add_column(f"seed {seed}", justify="right")
+    for name, stats in result.aggregate.items():
+        table.add_row(name, f"{stats['mean']:.4f} ± {stats['std']:.4f}", *(f"{values[name]:.4f}" for values in per_seed.values()))
+    stdout.print(table)
 
 
 def _default_out(job: str, method: str) -> Path:
@@ -337,6 +396,8 @@ def evaluate(
     json_output: JsonOption = False,
 ) -> None:
     """Report top-1/top-5, NLL, ECE, Brier (and the distance to p* on synthetic data), on clean or noisy inputs."""
+    from kdcli.jobs.evaluate import evaluate_checkpoint
+
     report = evaluate_checkpoint(
         checkpoint, data=data, data_root=data_root, download=download, split=split, device=device or "auto", batch_size=batch_size,
         noise_std=noise_std, noise_photons=noise_photons, noise_seed=noise_seed,
@@ -352,6 +413,16 @@ def evaluate(
     for name, value in report["metrics"].items():
         table.add_row(name, f"{value:.4f}")
     stdout.print(table)
+    if report["lineage"]:
+        stdout.print("lineage: " + " <- ".join([report["arch"], *map(_teacher_words, report["lineage"])]), markup=False, soft_wrap=True)
+
+
+def _teacher_words(teacher: dict[str, Any]) -> str:
+    """``cifar_resnet14 (standard, epoch 3, sha256 1a2b3c4d, clean val top-1 0.8123)``."""
+    facts = [teacher.get("method", "?"), f"epoch {teacher.get('epoch', '?')}", f"sha256 {str(teacher.get('sha256', ''))[:12]}"]
+    if teacher.get("clean_top1") is not None:
+        facts.append(f"clean {teacher.get('clean_split', 'val')} top-1 {teacher['clean_top1']:.4f}")
+    return f"{teacher.get('arch', '?')} ({', '.join(facts)})"
 
 
 @app.command(epilog="Examples: kdcli predict runs/t/last.safetensors cat.jpg dog.png  ·  kdcli predict s.safetensors photos/*.jpg --top-k 3 --json")
@@ -364,6 +435,8 @@ def predict(
     json_output: JsonOption = False,
 ) -> None:
     """Print the top-k classes of image files (resized and center-cropped like the image-folder recipe)."""
+    from kdcli.jobs.classify import classify_images
+
     rows = classify_images(checkpoint, images, top_k=top_k, device=device or "auto")
     if json_output:
         _print_json(rows)
@@ -413,6 +486,8 @@ def convert(
     json_output: JsonOption = False,
 ) -> None:
     """Import a model trained elsewhere (e.g. a RepDistiller teacher) as a kdcli checkpoint."""
+    from kdcli.jobs.convert import InputSpec, convert_checkpoint
+
     if num_classes is not None and num_classes <= 0:
         raise UsageError(f"--num-classes must be positive (got {num_classes})")
     spec = InputSpec(num_classes, _input_size(input_size), _numbers(mean, "--mean", float), _numbers(std, "--std", float))
@@ -451,6 +526,7 @@ def sweep_checkpoints(
     lr: LrOption = None,
     save_every: Annotated[Optional[int], typer.Option("--save-every", help="Student checkpoint every K epochs (default: last only).", show_default=False)] = None,
     seed: SeedOption = None,
+    seeds: SeedsOption = None,
     device: DeviceOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -461,6 +537,11 @@ def sweep_checkpoints(
     quiet: QuietOption = False,
 ) -> None:
     """Distill a student from every saved teacher checkpoint with one recipe; tabulate and plot teacher vs student."""
+    from kdcli.jobs.sweep import build_recipe, find_teacher_runs, run_seeded_sweep, run_sweep
+
+    seed_list = parse_seeds(seeds)
+    if seed_list is not None and seed is not None:
+        raise UsageError("give --seed or --seeds, not both")
     runs = find_teacher_runs(teacher_runs, every)
     flags = TrainingFlags(
         model=model, data_root=data_root, download=download, epochs=epochs, batch_size=batch_size, lr=lr, save_every=save_every, seed=seed, device=device,
@@ -479,8 +560,25 @@ def sweep_checkpoints(
             line = f"[{done}/{total}] {row['teacher']} epoch {row['teacher_epoch']}: teacher {row['teacher_top1']:.4f}, student {row['student_top1']:.4f}"
             stderr.print(line, markup=False, soft_wrap=True)
 
-    result = run_sweep(runs, recipe, out, overwrite=overwrite, show_progress=not quiet, on_entry=report_entry, notify=_note)
-    _print_sweep(result, as_json=json_output)
+    options = {"show_progress": not quiet, "on_entry": report_entry, "notify": _note}
+    if seed_list is None:
+        _print_sweep(run_sweep(runs, recipe, out, overwrite=overwrite, **options), as_json=json_output)
+        return
+    _print_seeded_sweep(run_seeded_sweep(runs, recipe, out, seed_list, overwrite=overwrite, **options), as_json=json_output)
+
+
+def _print_seeded_sweep(seeded: SeededSweepResult, *, as_json: bool) -> None:
+    if as_json:
+        stdout.print_json(json.dumps(seeded.as_dict()))
+        return
+    table = Table(title=f"sweep-checkpoints · seeds {', '.join(map(str, seeded.sweeps))} · {seeded.out}")
+    for column in ("teacher", "teacher epoch", "teacher top-1", "student top-1 (mean ± std)", "student ECE (mean ± std)"):
+        table.add_column(column, justify="left" if column == "teacher" else "right")
+    for row in seeded.rows:
+        table.add_row(row["teacher"], str(row["teacher_epoch"]), f"{row['teacher_top1']:.4f}",
+                      f"{row['student_top1_mean']:.4f} ± {row['student_top1_std']:.4f}", f"{row['student_ece_mean']:.4f} ± {row['student_ece_std']:.4f}")
+    stdout.print(table)
+    stdout.print(f"results: {seeded.out / 'results.json'}; each seed's sweep, table and plot in {seeded.out}/seed-N", markup=False, soft_wrap=True)
 
 
 def _print_sweep(result: SweepResult, *, as_json: bool) -> None:
@@ -504,10 +602,93 @@ def _print_sweep(result: SweepResult, *, as_json: bool) -> None:
         stdout.print("plot: skipped, matplotlib is missing (pip install 'kdcli[plot]')", markup=False)
 
 
+RunDirsArgument = Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run directories or seed groups (--seeds).", show_default=False)]
+
+
+@app.command(epilog="Examples: kdcli compare runs/kd runs/dkd  ·  kdcli compare runs/kd-seeds runs/dkd-seeds --csv > table.csv  ·  kdcli compare runs/* --json")
+@reports_errors
+def compare(
+    run_dirs: RunDirsArgument,
+    json_output: JsonOption = False,
+    csv_output: Annotated[bool, typer.Option("--csv", help="Print the table as CSV (every metric, mean and std).")] = False,
+) -> None:
+    """One table of the final and best metrics of runs (a seed group shows mean ± std over its seeds)."""
+    from kdcli.jobs.compare import TABLE_METRICS, compare_runs, rows_csv
+
+    if json_output and csv_output:
+        raise UsageError("give --json or --csv, not both")
+    rows = compare_runs(run_dirs)
+    if json_output:
+        stdout.print_json(json.dumps(rows))
+        return
+    if csv_output:
+        sys.stdout.write(rows_csv(rows))
+        return
+    table = Table(title="kdcli compare", caption="test/*: the deployed model on the test split; best/*: the epoch with the highest val top-1; a seed group shows mean ± std")
+    for column in ("run", "method", "model", "seeds", "epochs", *TABLE_METRICS):
+        table.add_column(column, justify="left" if column in ("run", "method", "model") else "right", no_wrap=True)
+    for row in rows:
+        cells = [_stat_cell(row["metrics"].get(name), integer=name == "best/epoch") for name in TABLE_METRICS]
+        seeds = "-" if row["seeds"] is None else str(len(row["seeds"]))
+        table.add_row(escape(row["label"]), row["method"] or "", row["model"] or "", seeds, str(row["epochs"]), *cells)
+    # A table of many columns: into a pipe or file at its natural width, not squeezed to 80 columns.
+    (stdout if stdout.is_terminal else Console(width=240)).print(table)
+    for row in rows:
+        if row["unfinished"]:
+            _note(f"note: {row['label']}: not finished, no test metrics: {', '.join(row['unfinished'])}")
+
+
+def _stat_cell(stats: dict[str, float] | None, *, integer: bool = False) -> str:
+    if stats is None:
+        return "-"
+    digits = ".1f" if integer and stats["n"] > 1 else ".0f" if integer else ".4f"
+    return f"{stats['mean']:{digits}}" + (f"±{stats['std']:{digits}}" if stats["n"] > 1 else "")
+
+
+@app.command(epilog="Examples: kdcli plot runs/kd runs/adaptive-fusion -o curves.png  ·  kdcli plot runs/kd-seeds -o kd.png")
+@reports_errors
+def plot(
+    run_dirs: RunDirsArgument,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The PNG file to write.", show_default=False)],
+) -> None:
+    """Learning curves of runs side by side: each loss term, train/val top-1, lr and the method's per-epoch numbers."""
+    from kdcli.jobs.plot import plot_runs
+
+    titles = plot_runs(run_dirs, output)
+    stdout.print(f"plot: {output} ({len(titles)} panels: {', '.join(titles)})", markup=False, soft_wrap=True)
+
+
+@app.command(epilog="Examples: kdcli export runs/s/last.safetensors hub/student  ·  kdcli export runs/s/best.safetensors hub/student --push me/resnet18-kd")
+@reports_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A kdcli checkpoint (.safetensors).", show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(help="The folder to write: model.safetensors, config.json, README.md.", show_default=False)],
+    push: Annotated[Optional[str], typer.Option("--push", help="Also upload the folder to this Hugging Face Hub repo (needs huggingface_hub and a login).", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing, non-empty OUT_DIR.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Write a checkpoint as the folder timm loads from the Hub: timm.create_model("local-dir:OUT_DIR", pretrained=True)."""
+    from kdcli.jobs.export import export_checkpoint
+
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise UsageError(f"{out_dir} already exists and is not empty; choose another OUT_DIR or pass --overwrite")
+    result = export_checkpoint(checkpoint, out_dir, overwrite=overwrite, push_to=push)
+    if json_output:
+        stdout.print_json(json.dumps(result.as_dict()))
+        return
+    stdout.print(f"{result.checkpoint} -> {result.out}: model.safetensors, config.json, README.md ({result.arch})", markup=False, soft_wrap=True)
+    load = f'timm.create_model("local-dir:{result.out}", pretrained=True)'
+    stdout.print(f"load: {load}" + ("" if result.timm_native else " after `import kdcli.models` (a kdcli architecture)"), markup=False, soft_wrap=True)
+    if result.pushed_to:
+        stdout.print(f"pushed: https://huggingface.co/{result.pushed_to}", markup=False, soft_wrap=True)
+
+
 @methods_app.command("list")
 @reports_errors
 def methods_list(json_output: JsonOption = False) -> None:
-    """Every installed method with its role, summary and providing distribution."""
+    """Every installed method with its role, summary and providing distribution (imports each plugin, so torch)."""
+    from kdcli.registry import method_plugins
+
     plugins = method_plugins()
     rows = [
         {
@@ -538,6 +719,8 @@ def methods_list(json_output: JsonOption = False) -> None:
 @reports_errors
 def methods_show(name: Annotated[str, typer.Argument(help="Method name.")], json_output: JsonOption = False) -> None:
     """A method's hyperparameters: type, default and help (set with --set method.KEY=VALUE)."""
+    from kdcli.registry import get_method
+
     method = get_method(name)
     rows = _describe_params(method)
     if json_output:

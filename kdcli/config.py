@@ -24,9 +24,11 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
+from kdcli.defaults import DEFAULT_METHODS
 from kdcli.errors import UsageError, one_line
 
 MAX_DEPTH = 32  # nesting of a config file or --set value; a real config is 3 deep
@@ -34,9 +36,6 @@ MAX_NODES = 100_000  # values in one, aliases counted each time they are used (Y
 MAX_SEED = 2**63 - 1  # torch's generators take 64-bit seeds
 MAX_LR = 1e3  # no optimizer trains with a step larger than this; 1e308 overflows float32 parameters
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-
-# The method a job uses when none is named: the one place this default is written.
-DEFAULT_METHODS: dict[str, str] = {"teach": "standard", "distill": "kd"}
 
 
 class StrictModel(BaseModel):
@@ -152,6 +151,26 @@ class TrainConfig(StrictModel):
         return self
 
 
+class LogConfig(StrictModel):
+    """Experiment trackers (``kdcli.loggers`` plugins): each gets the config, every epoch record and the summary."""
+
+    to: list[str] = Field(default_factory=list, description="Logger names, e.g. [tensorboard, wandb, mlflow] (kdcli.loggers entry points).")
+    project: str = Field("kdcli", description="The W&B project / MLflow experiment the run is logged under.")
+    name: str | None = Field(None, description="The run's name in the trackers; None = the run directory's name.")
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("to")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+
 class MethodConfig(BaseModel):
     """The method's name plus its hyperparameters (validated by the method itself)."""
 
@@ -177,6 +196,7 @@ class RunConfig(StrictModel):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+    log: LogConfig = LogConfig()
 
     @model_validator(mode="after")
     def _job_default_method(self) -> RunConfig:

@@ -10,7 +10,7 @@ state, the guards (non-finite losses, stop signals) and the console.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn, Protocol
@@ -78,11 +78,13 @@ class Trainer:
         *,
         show_progress: bool = True,
         observers: dict[str, EpochObserver] | None = None,
+        record_hooks: Sequence[Callable[[dict[str, Any]], None]] = (),
     ) -> None:
         self.method, self.data, self.config, self.runtime = method, data, config, runtime
         self.run_dir = run_dir
         self.checkpoint_template = checkpoint_template
         self.observers = observers or {}
+        self.record_hooks = tuple(record_hooks)  # called with each epoch's record once it is saved
         self.console = TrainingConsole(enabled=show_progress and runtime.is_main)
         self.task = TrainableTask(method)
         self.student = self.task.student
@@ -169,6 +171,8 @@ class Trainer:
         self.history.append(record)
         self.save(epoch, record, improved=improved)
         self.console.epoch_done(record, self.config.train.epochs, list(self.observers))
+        for hook in self.record_hooks:
+            hook(record)
         if self._agree_on_stop():
             self._stopped(f"epoch {epoch} is complete and saved ({self.run_dir.last_path}, {self.run_dir.resume_path.name})")
         patience = self.config.train.early_stop_patience

@@ -50,6 +50,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from kdcli.defaults import API_VERSION
 from kdcli.errors import UsageError
 from kdcli.features import feature_shapes, logits_and_features, stage_features
 from kdcli.step import Batch, StepOutput
@@ -74,7 +75,6 @@ __all__ = [
     "stage_features",
 ]
 
-API_VERSION = "2.0"
 
 TeacherUse = Literal["required", "none", "optional"]
 Role = Literal["teach", "distill"]

@@ -1,4 +1,4 @@
-"""Entry-point discovery for methods, models and data sets.
+"""Entry-point discovery for methods, models, data sets and loggers.
 
 Built-ins register through the same entry-point groups as third-party
 packages.  Loading is isolated per plugin: one that fails to import is
@@ -16,11 +16,13 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from kdcli.errors import KdcliError, one_line, unknown_name
+from kdcli.loggers import RunLogger
 from kdcli.method import API_VERSION, Method, MethodParams
 
 METHODS_GROUP = "kdcli.methods"
 MODELS_GROUP = "kdcli.models"
 DATASETS_GROUP = "kdcli.datasets"
+LOGGERS_GROUP = "kdcli.loggers"
 ROLES = frozenset({"teach", "distill"})
 
 
@@ -71,7 +73,9 @@ def clear_caches() -> None:
 
 
 def _registered_twice(kind: str, name: str, matches: list[EntryPoint]) -> str:
-    sources = " and ".join(f"{_distribution(ep)[0]} ({ep.value})" for ep in matches)
+    # Sorted: the order entry points are found in follows the file system's directory order.
+    ordered = sorted(matches, key=lambda ep: (_distribution(ep)[0], ep.value))
+    sources = " and ".join(f"{_distribution(ep)[0]} ({ep.value})" for ep in ordered)
     return f"{kind} {name!r} is registered twice: by {sources}; uninstall one of them"
 
 
@@ -168,3 +172,19 @@ def model_plugin_failures() -> list[str]:
 def get_dataset_builder(name: str) -> Any:
     return _resolve(DATASETS_GROUP, "data set", name).loaded
 
+
+
+def check_logger_names(names: list[str]) -> None:
+    """Unknown logger names are a usage error, found before anything is written (nothing is imported)."""
+    known = sorted({ep.name for ep in _entry_points(LOGGERS_GROUP)})
+    for name in names:
+        if name not in known:
+            raise unknown_name("logger", name, known)
+
+
+def get_logger(name: str) -> type[RunLogger]:
+    """The ``kdcli.loggers`` plugin class registered as ``name`` (importing it may fail: callers isolate that)."""
+    plugin = _resolve(LOGGERS_GROUP, "logger", name)
+    if not (isinstance(plugin.loaded, type) and issubclass(plugin.loaded, RunLogger)):
+        raise KdcliError(f"logger {name!r} from {plugin.distribution} is not a kdcli.loggers.RunLogger subclass")
+    return plugin.loaded

@@ -23,7 +23,9 @@ from kdcli.errors import UsageError
 from kdcli.teacher_cache import CACHE_FOLDER
 
 MARKER = ".kdcli-run"  # written first into every run directory kdcli creates
-OWNED_FILES = ("config.json", "metrics.jsonl", "last.safetensors", "best.safetensors", "resume.safetensors", "resume-epoch.safetensors")
+OWNED_FILES = (
+    "config.json", "metrics.jsonl", "summary.json", "last.safetensors", "best.safetensors", "resume.safetensors", "resume-epoch.safetensors",
+)
 CHECKPOINT_PATTERN = "epoch_[0-9][0-9][0-9][0-9].safetensors"
 
 
@@ -33,7 +35,7 @@ class RunDirExists(UsageError):
 
 @dataclass
 class RunDir:
-    """``config.json``, ``metrics.jsonl``, ``last.safetensors``, ``best.safetensors``, ``resume.safetensors``, ``checkpoints/``.
+    """``config.json``, ``metrics.jsonl``, ``summary.json``, ``last.safetensors``, ``best.safetensors``, ``resume.safetensors``, ``checkpoints/``.
 
     ``replaces`` is set while this run is staged beside the run it will replace.
     """
@@ -67,6 +69,11 @@ class RunDir:
         return self.root / "resume-epoch.safetensors"
 
     @property
+    def summary_path(self) -> Path:
+        """Written once training finished: the job's summary (``kdcli compare`` reads it)."""
+        return self.root / "summary.json"
+
+    @property
     def checkpoints_dir(self) -> Path:
         return self.root / "checkpoints"
 
@@ -78,6 +85,9 @@ class RunDir:
 
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_bytes(self.config_path, (json.dumps(config, indent=2) + "\n").encode())
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_bytes(self.summary_path, (json.dumps(summary, indent=2) + "\n").encode())
 
     def write_history(self, records: list[dict[str, Any]]) -> None:
         """Rewrite ``metrics.jsonl`` whole, so it always matches the resume state."""

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import ValidationError
 from torch import nn
 
-from kdcli.checkpoint import CheckpointInfo, read_checkpoint_info
+from kdcli.checkpoint import CheckpointInfo, checkpoint_digest, read_checkpoint_info
 from kdcli.config import RunConfig, TrainConfig, build_config, format_validation_error
 from kdcli.data.augment import BatchAugment, EpochAugmentation, normalize
 from kdcli.data.bundle import DataBundle
@@ -20,7 +20,7 @@ from kdcli.engine import EpochObserver, Trainer, TrainingData, training_loader
 from kdcli.errors import UsageError
 from kdcli.jobs.common import DATA_LOCATION_KEYS, TIMM_PREFIX, checkpoint_data_config, is_timm_teacher, new_model, training_data
 from kdcli.method import Method, MethodContext, MethodError, MethodParams
-from kdcli.registry import get_method
+from kdcli.registry import check_logger_names, get_method
 from kdcli.rundir import RunDir
 from kdcli.runtime import Runtime
 from kdcli.step import Batch
@@ -92,6 +92,7 @@ def resolve_run(config: RunConfig) -> RunSpec:
             "--cache-teacher keeps its tables beside the teacher's checkpoint file, and a timm:NAME teacher has none: "
             "drop --cache-teacher"
         )
+    check_logger_names(config.log.to)
     try:
         params = method_cls.Params.model_validate(config.method.params)
     except ValidationError as exc:
@@ -178,6 +179,18 @@ def teacher_source(
     )
 
 
+def teacher_lineage(path: Path) -> dict[str, Any]:
+    """What a student records about its teacher: the file's digest, architecture, accuracy, and its own lineage."""
+    if is_timm_teacher(path):  # pretrained weights: timm's reference names them
+        return {"teacher": {"timm": str(path).removeprefix(TIMM_PREFIX)}}
+    info = read_checkpoint_info(path)
+    teacher = {
+        "file": str(path), "sha256": checkpoint_digest(path), "arch": info.arch, "method": info.method,
+        "epoch": info.epoch, "val_top1": info.metrics.get("val_top1"),
+    }
+    return {"teacher": teacher | ({"lineage": info.lineage} if info.lineage else {})}
+
+
 def checkpoint_template(spec: RunSpec, bundle: DataBundle) -> CheckpointInfo:
     config = spec.config
     return CheckpointInfo(
@@ -190,6 +203,7 @@ def checkpoint_template(spec: RunSpec, bundle: DataBundle) -> CheckpointInfo:
         epoch=0,
         data=config.data.model_dump(mode="json"),
         config=config.model_dump(mode="json"),
+        lineage={} if config.teacher is None else teacher_lineage(config.teacher),
     )
 
 
@@ -228,6 +242,7 @@ def build_training(
     *,
     show_progress: bool,
     teacher_normalization: Normalization | None = None,
+    record_hooks: Sequence[Callable[[dict[str, Any]], None]] = (),
 ) -> TrainingParts:
     """Student, teacher source, method and trainer; the student draws its initialization from the run's seed.
 
@@ -242,6 +257,7 @@ def build_training(
     method = spec.method(spec.params, student=student, teacher=source, context=method_context(config, data, runtime, bundle.num_classes))
     observers: dict[str, EpochObserver] = {"teacher_cache": source} if isinstance(source, CachedTeacher) else {}
     trainer = Trainer(
-        method, data, config, runtime, run_dir, checkpoint_template(spec, bundle), show_progress=show_progress, observers=observers
+        method, data, config, runtime, run_dir, checkpoint_template(spec, bundle), show_progress=show_progress, observers=observers,
+        record_hooks=record_hooks,
     )
     return TrainingParts(data, source, method, trainer)

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from kdcli.config import MAX_SEED, DataConfig, TrainConfig, format_validation_error
+from kdcli.defaults import EVAL_SPLITS
 from kdcli.data.bundle import DataBundle, ImageSplit
 from kdcli.noise import PixelNoise
 from kdcli.errors import UsageError
@@ -19,8 +20,6 @@ from kdcli.inference import InputTransform, predict
 from kdcli.jobs.common import check_fits, checkpoint_data_config, evaluation_split, load_data, model_from_checkpoint
 from kdcli.metrics import classification_report, distance_to_true_distribution
 from kdcli.runtime import runtime_for
-
-EVAL_SPLITS = ("test", "val", "train")
 
 
 def evaluate_checkpoint(
@@ -80,7 +79,18 @@ def evaluate_checkpoint(
         "num_samples": len(samples),
         "noise": None if noise is None else {"std": noise_std, "photons": noise_photons, "seed": noise_seed},
         "metrics": metrics,
+        "lineage": teacher_chain(info.lineage),
     }
+
+
+def teacher_chain(lineage: dict[str, Any]) -> list[dict[str, Any]]:
+    """The teachers a checkpoint descends from, nearest first (each without its own nested lineage)."""
+    chain = []
+    while isinstance(lineage.get("teacher"), dict):
+        teacher = lineage["teacher"]
+        chain.append({key: value for key, value in teacher.items() if key != "lineage"})
+        lineage = teacher.get("lineage") or {}
+    return chain
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from kdcli.jobs.evaluate import evaluate_checkpoint
 from kdcli.jobs.build import RunSpec, resolve_run
 from kdcli.jobs.train import Notify, TrainingSummary, train
 from kdcli.registry import get_method
+from kdcli.results import aggregate, seed_dir
 from kdcli.rundir import RunDir, check_replaceable, is_kdcli_run, remove_run
 
 SWEEP_FORMAT = "kdcli-sweep"
@@ -44,6 +45,7 @@ COLUMNS = (
     "teacher_pstar_tv_train", "teacher_pstar_sq_l2_train",
     "student_top1", "student_ece", "student_nll", "teacher_checkpoint", "student_run",
 )
+STUDENT_METRICS = ("student_top1", "student_ece", "student_nll")
 
 
 @dataclass(frozen=True)
@@ -278,3 +280,47 @@ def write_plot(path: Path, rows: list[dict[str, Any]]) -> bool:
 
 def _colours(count: int) -> list[str]:
     return [f"C{index % 10}" for index in range(count)]
+
+
+@dataclass
+class SeededSweepResult:
+    """One sweep per training seed (``OUT/seed-N``) and, per teacher checkpoint, the students' mean ± std."""
+
+    out: Path
+    sweeps: dict[int, SweepResult]
+    rows: list[dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sweep_dir": str(self.out), "seeds": list(self.sweeps), "entries": self.rows,
+                "per_seed": {str(seed): sweep.as_dict() for seed, sweep in self.sweeps.items()}}
+
+
+def run_seeded_sweep(runs: list[TeacherRun], recipe: RunSpec, out: Path, seeds: list[int], *, overwrite: bool = False, **options: Any) -> SeededSweepResult:
+    """The same sweep once per seed under ``out/seed-N`` (each continues like a sweep), then aggregated rows."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"sweep directory {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite and not any(out.glob("seed-*/sweep.json")):
+        raise UsageError(f"{out} exists and is not a kdcli sweep directory; choose another sweep directory or overwrite it")
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    sweeps = {}
+    for seed in seeds:
+        config = recipe.config.model_copy(update={"train": recipe.config.train.model_copy(update={"seed": seed})})
+        sweeps[seed] = run_sweep(runs, RunSpec(config, recipe.method, recipe.params), seed_dir(out, seed), **options)
+    rows = seed_rows(sweeps)
+    atomic_write_bytes(out / "results.json", (json.dumps(rows, indent=2) + "\n").encode())
+    return SeededSweepResult(out, sweeps, rows)
+
+
+def seed_rows(sweeps: dict[int, SweepResult]) -> list[dict[str, Any]]:
+    """Per teacher checkpoint: the teacher's numbers and each student metric's mean and std over the seeds."""
+    rows = []
+    first = next(iter(sweeps.values()))
+    for index, row in enumerate(first.rows):
+        per_seed = {seed: {key: sweep.rows[index][key] for key in STUDENT_METRICS} for seed, sweep in sweeps.items()}
+        stats = aggregate(per_seed)
+        merged = {key: value for key, value in row.items() if key.startswith("teacher")}
+        for key in STUDENT_METRICS:
+            merged |= {f"{key}_mean": stats[key]["mean"], f"{key}_std": stats[key]["std"]}
+        rows.append(merged | {"seeds": list(sweeps)})
+    return rows

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from kdcli.jobs.common import check_fits, is_timm_teacher, load_data, load_teach
 from kdcli.jobs.teacher_relation import TeacherRelation
 from kdcli.metrics import classification_report, topk_accuracy
 from kdcli.errors import UsageError
+from kdcli.loggers import LoggerHub, LoggerRun, RunLogger
+from kdcli.registry import get_logger
 from kdcli.rundir import RunDir, RunDirExists, existing_run_dir, plan_run_dir
 from kdcli.runtime import Runtime, runtime_for
 from kdcli.teacher import Normalization
@@ -37,6 +40,11 @@ class TeacherCheck:
     @property
     def weak(self) -> bool:
         return self.top1 < self.min_top1
+
+    def recorded_in(self, info: CheckpointInfo) -> CheckpointInfo:
+        """The student's checkpoint metadata with this clean accuracy in its teacher lineage."""
+        teacher = info.lineage.get("teacher", {}) | {"clean_top1": self.top1, "clean_split": self.split}
+        return replace(info, lineage=info.lineage | {"teacher": teacher})
 
     def lines(self, *, verbose: bool) -> list[str]:
         lines = [f"teacher {self.arch}: clean {self.split} top-1 {self.top1:.4f}"] if verbose else []
@@ -180,25 +188,63 @@ def train(
         _check_teacher_fits(teacher_info, bundle, config.teacher)
     with runtime_for(config.train) as runtime:
         run_dir = _plan_run_dir(out, config, runtime, resume=resume, overwrite=overwrite)
-        # Built before the run directory is made: a wrong method argument must leave nothing on disk.
-        normalization = None if teacher_info is None else (teacher_info.mean, teacher_info.std)
-        parts = build_training(spec, bundle, teacher, runtime, run_dir, show_progress=show_progress, teacher_normalization=normalization)
-        if resume:
-            parts.trainer.resume()
-        teacher_clean = None
-        if parts.teacher is not None and teacher_info is not None:
-            teacher_clean = check_teacher(parts.teacher.network, teacher_info, parts, bundle, runtime)
-            for line in teacher_clean.lines(verbose=show_progress) if runtime.is_main and notify else []:
-                notify(line)
-        if not resume and runtime.is_main:
-            run_dir.create()
-            run_dir.write_config(config.model_dump(mode="json"))
+        hub: LoggerHub | None = None
+        summary = None
         try:
-            history = parts.trainer.fit()
-        except BaseException:
-            run_dir.discard_staged()  # a replacement that never saved a state leaves the old run as it was
-            raise
-        return _summarize(spec, parts, history, bundle, runtime, run_dir, teacher_info, teacher_clean)
+            # Built before the run directory is made: a wrong method argument must leave nothing on disk.
+            normalization = None if teacher_info is None else (teacher_info.mean, teacher_info.std)
+            parts = build_training(
+                spec, bundle, teacher, runtime, run_dir, show_progress=show_progress, teacher_normalization=normalization,
+                record_hooks=(lambda record: hub.log_epoch(record) if hub is not None else None,),
+            )
+            if resume:
+                parts.trainer.resume()
+            teacher_clean = _checked_teacher(parts, teacher_info, bundle, runtime, show_progress, notify)
+            if not resume and runtime.is_main:
+                run_dir.create()
+                run_dir.write_config(config.model_dump(mode="json"))
+            hub = open_loggers(config, run_dir, resume, notify) if runtime.is_main else None
+            try:
+                history = parts.trainer.fit()
+            except BaseException:
+                run_dir.discard_staged()  # a replacement that never saved a state leaves the old run as it was
+                raise
+            summary = _summarize(spec, parts, history, bundle, runtime, run_dir, teacher_info, teacher_clean)
+            if runtime.is_main:
+                run_dir.write_summary(summary.as_dict())
+            return summary
+        finally:
+            if hub is not None:
+                hub.finish(None if summary is None else summary.as_dict())
+                hub.close()
+
+
+def _checked_teacher(
+    parts: TrainingParts, info: CheckpointInfo | None, bundle: DataBundle, runtime: Runtime, show_progress: bool, notify: Notify | None
+) -> TeacherCheck | None:
+    """The teacher's clean accuracy, noted (and recorded in the student's checkpoints) before training."""
+    if parts.teacher is None or info is None:
+        return None
+    check = check_teacher(parts.teacher.network, info, parts, bundle, runtime)
+    parts.trainer.checkpoint_template = check.recorded_in(parts.trainer.checkpoint_template)
+    for line in check.lines(verbose=show_progress) if runtime.is_main and notify else []:
+        notify(line)
+    return check
+
+
+def open_loggers(config: RunConfig, run_dir: RunDir, resumed: bool, notify: Notify | None) -> LoggerHub | None:
+    """The run's ``log.to`` trackers, started with the resolved config; None when there are none."""
+    if not config.log.to:
+        return None
+    warn = notify or (lambda line: print(line, file=sys.stderr))
+    hub = LoggerHub({name: _logger_factory(name) for name in config.log.to}, warn)
+    name = config.log.name or run_dir.root.resolve().name
+    hub.start(LoggerRun(run_dir.root, name, config.log.project, config.model_dump(mode="json"), resumed))
+    return hub
+
+
+def _logger_factory(name: str) -> Callable[[], RunLogger]:
+    return lambda: get_logger(name)()
 
 
 def _plan_run_dir(out: Path, config: RunConfig, runtime: Runtime, *, resume: bool, overwrite: bool) -> RunDir:

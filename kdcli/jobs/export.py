@@ -1,0 +1,200 @@
+"""``export``: a checkpoint as the folder timm loads from the Hugging Face Hub.
+
+``OUT_DIR/model.safetensors`` (the bare state dict), ``config.json``
+(architecture, num_classes, model_args and pretrained_cfg with the input size,
+normalization and crop) and ``README.md``, a model card with the metrics, the
+method and its hyperparameters, the teacher and the data set.  A timm
+architecture loads with ``timm.create_model("local-dir:OUT_DIR", pretrained=True)``
+or, once pushed, ``"hf-hub:REPO_ID"``; a kdcli zoo architecture (``cifar_*``)
+needs ``import kdcli.models`` first, which registers it with timm.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+from safetensors.torch import save_file
+from torch import nn
+
+from kdcli.checkpoint import CheckpointInfo, checkpoint_digest
+from kdcli.errors import KdcliError, UsageError, first_line
+from kdcli.jobs.common import model_from_checkpoint
+from kdcli.jobs.evaluate import teacher_chain
+from kdcli.results import NOT_METRICS
+
+WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
+
+
+@dataclass
+class ExportSummary:
+    checkpoint: Path
+    out: Path
+    arch: str
+    timm_native: bool  # False: a model plugin's architecture, which timm knows only once the plugin is imported
+    pushed_to: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        files = [str(self.out / name) for name in (WEIGHTS, CONFIG, CARD)]
+        return {"checkpoint": str(self.checkpoint), "out_dir": str(self.out), "arch": self.arch, "files": files,
+                "timm_native": self.timm_native, "pushed_to": self.pushed_to}
+
+
+def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False, push_to: str | None = None) -> ExportSummary:
+    """Write the Hub layout of ``checkpoint`` into ``out`` (and upload it to ``push_to``); checks come first."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UsageError(f"{out} already exists and is not empty; choose another folder or overwrite it")
+    hub = hub_api() if push_to is not None else None
+    model, info = model_from_checkpoint(checkpoint)
+    model.eval()
+    run_summary = deployed_summary(checkpoint)
+    if out.exists() and overwrite:
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    out.mkdir(parents=True)
+    save_file({key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()}, str(out / WEIGHTS), metadata={"format": "pt"})
+    (out / CONFIG).write_text(json.dumps(hub_config(model, info), indent=2) + "\n", encoding="utf-8")
+    native = type(model).__module__.startswith("timm.")
+    (out / CARD).write_text(model_card(info, checkpoint, run_summary, native=native), encoding="utf-8")
+    result = ExportSummary(checkpoint, out, info.arch, native)
+    if hub is not None and push_to is not None:
+        result.pushed_to = push(hub, push_to, out)
+    return result
+
+
+def deployed_summary(checkpoint: Path) -> dict[str, Any] | None:
+    """The run's summary (test metrics) when ``checkpoint`` is the model it reports on: best with selection, else last."""
+    path = checkpoint.parent / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    deployed = "best.safetensors" if summary.get("best_epoch") is not None else "last.safetensors"
+    return summary if checkpoint.name == deployed else None
+
+
+def hub_config(model: nn.Module, info: CheckpointInfo) -> dict[str, Any]:
+    """timm's ``config.json``: how to rebuild the model and how its inputs were prepared."""
+    default = timm.models.get_pretrained_cfg(info.arch)
+    known = default.to_dict() if default is not None else {}
+    fixed = bool(known.get("fixed_input_size", False))
+    model_args: dict[str, Any] = {"num_classes": info.num_classes, "in_chans": info.in_chans}
+    if fixed:
+        model_args["img_size"] = list(info.input_size[1:])
+    pretrained_cfg = {
+        "input_size": list(info.input_size),
+        "fixed_input_size": fixed,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,  # kdcli trains and evaluates on whole images
+        "crop_mode": "center",
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "num_classes": info.num_classes,
+        **{key: known[key] for key in ("first_conv", "classifier") if known.get(key) is not None},
+    }
+    return {
+        "architecture": info.arch,
+        "num_classes": info.num_classes,
+        "num_features": int(getattr(model, "num_features", 0)) or None,
+        "model_args": model_args,
+        "pretrained_cfg": pretrained_cfg,
+    }
+
+
+def model_card(info: CheckpointInfo, checkpoint: Path, run_summary: dict[str, Any] | None, *, native: bool) -> str:
+    """README.md: front matter the Hub reads, then what the model is, how it was trained and how well it does."""
+    config = info.config
+    data = info.data.get("name", "unknown")
+    method = dict(config.get("method") or {"name": info.method})
+    name = method.pop("name", info.method)
+    lines = [
+        "---",
+        "library_name: timm",
+        "tags: [image-classification, timm, knowledge-distillation, kdcli]",
+        f"datasets: [{data}]",
+        "---",
+        f"# {info.arch} trained with kdcli ({name})",
+        "",
+        f"A `{info.arch}` for {info.num_classes} classes on `{data}` inputs of shape {tuple(info.input_size)}, "
+        f"trained by `kdcli {config.get('job', 'teach')}` with the method `{name}` (epoch {info.epoch} of {(config.get('train') or {}).get('epochs', '?')}).",
+        "",
+        *_usage(info, native),
+        *_metrics_section(info, run_summary),
+        "## Method and hyperparameters",
+        "",
+        *(f"- `{key}`: `{json.dumps(value)}`" for key, value in method.items()),
+        *(["- (defaults)"] if not method else []),
+        *_training_lines(config),
+        *_teacher_section(info),
+        "## Data set",
+        "",
+        f"`{data}`; normalization mean {list(info.mean)}, std {list(info.std)}.",
+        "",
+        f"Exported from `{checkpoint.name}` (kdcli sha256 `{checkpoint_digest(checkpoint)}`).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _usage(info: CheckpointInfo, native: bool) -> list[str]:
+    prelude = [] if native else ["import kdcli.models  # registers the kdcli architecture with timm"]
+    return [
+        "## Use",
+        "",
+        "```python",
+        "import timm",
+        *prelude,
+        'model = timm.create_model("hf-hub:REPO_ID", pretrained=True)  # or "local-dir:PATH"',
+        "```",
+        "",
+    ]
+
+
+def _metrics_section(info: CheckpointInfo, run_summary: dict[str, Any] | None) -> list[str]:
+    rows = [(f"test {key}", value) for key, value in ((run_summary or {}).get("test") or {}).items()]
+    rows += [(f"epoch {info.epoch} {key}", value) for key, value in info.metrics.items() if key not in NOT_METRICS]
+    if not rows:
+        return []
+    return ["## Metrics", "", "| metric | value |", "| --- | --- |", *(f"| {name} | {value:.4f} |" for name, value in rows), ""]
+
+
+def _training_lines(config: dict[str, Any]) -> list[str]:
+    train, optim = config.get("train") or {}, config.get("optim") or {}
+    facts = {key: train.get(key) for key in ("epochs", "batch_size", "seed")} | {f"optim.{key}": optim.get(key) for key in ("name", "lr", "weight_decay")}
+    return ["", "Training: " + ", ".join(f"{key} {value}" for key, value in facts.items() if value is not None) + ".", ""]
+
+
+def _teacher_section(info: CheckpointInfo) -> list[str]:
+    chain = teacher_chain(info.lineage)
+    if not chain:
+        return []
+    lines = ["## Teacher", ""]
+    for depth, teacher in enumerate(chain):
+        accuracy = teacher.get("clean_top1")
+        measured = f", clean {teacher.get('clean_split', 'val')} top-1 {accuracy:.4f}" if accuracy is not None else ""
+        lead = "Teacher" if depth == 0 else "its teacher"
+        lines.append(f"- {lead}: `{teacher.get('arch')}` ({teacher.get('method')}, epoch {teacher.get('epoch')}{measured}), "
+                     f"file `{Path(str(teacher.get('file', ''))).name}`, kdcli sha256 `{teacher.get('sha256')}`")
+    return [*lines, ""]
+
+
+def hub_api() -> Any:
+    """A logged-in ``HfApi``, or one line saying what is missing."""
+    try:
+        from huggingface_hub import HfApi, get_token
+    except ImportError:
+        raise KdcliError("pushing to the Hugging Face Hub needs huggingface_hub: pip install 'kdcli[hub]'") from None
+    if get_token() is None:
+        raise KdcliError("pushing to the Hugging Face Hub needs a login: run `hf auth login` or set HF_TOKEN")
+    return HfApi()
+
+
+def push(api: Any, repo_id: str, folder: Path) -> str:
+    try:
+        url = api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=url.repo_id, folder_path=str(folder), commit_message="Add model exported by kdcli")
+    except Exception as exc:  # network, permissions: the export itself is complete on disk
+        raise KdcliError(f"{folder} is written, but the upload to {repo_id} failed: {type(exc).__name__}: {first_line(exc)}") from None
+    return str(url.repo_id)

@@ -1,0 +1,144 @@
+"""Reading finished runs back: final metrics, best epochs, and mean ± std over seeds.
+
+A run directory holds ``config.json``, ``metrics.jsonl`` (one record per epoch)
+and, once training finished, ``summary.json`` (the job's summary, test metrics
+included).  A seed group (one config trained with several seeds) holds ``seeds.json`` and one run
+directory per seed, ``seed-N/``.  Everything here is read from those files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdcli.errors import UsageError
+
+SEED_GROUP_MANIFEST = "seeds.json"
+SEED_DIR_PREFIX = "seed-"
+# Epoch-record numbers that describe the run's speed or bookkeeping, not the model.
+NOT_METRICS = frozenset({"epoch", "lr", "time_s", "samples_per_s", "skipped_steps"})
+
+
+def seed_dir(group: Path, seed: int) -> Path:
+    return group / f"{SEED_DIR_PREFIX}{seed}"
+
+
+def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested numbers as ``section/name`` keys (``loss/kd``, ``method/alpha_mean``); non-numbers dropped."""
+    flat: dict[str, float] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def epoch_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """An epoch record's model metrics: losses, accuracies, method numbers (not timing or lr)."""
+    return {key: value for key, value in flatten(record).items() if key not in NOT_METRICS}
+
+
+def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """A finished run's numbers: ``test/*`` on the deployed model, then the last epoch's."""
+    final = {f"test/{key}": float(value) for key, value in (summary.get("test") or {}).items()}
+    final.update(epoch_metrics(summary.get("final_epoch") or {}))
+    return final
+
+
+def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The epoch with the highest validation top-1 (None without a validation split)."""
+    scored = [record for record in history if isinstance(record.get("val_top1"), (int, float))]
+    if not scored:
+        return None
+    best = max(scored, key=lambda record: record["val_top1"])
+    return {"epoch": best["epoch"], "val_top1": best["val_top1"]}
+
+
+def aggregate(per_seed: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean and sample standard deviation (n-1; 0 for one seed) of each metric every seed reports."""
+    names = [name for name in next(iter(per_seed.values()), {}) if all(name in values for values in per_seed.values())]
+    result = {}
+    for name in names:
+        values = [metrics[name] for metrics in per_seed.values()]
+        finite = [value for value in values if math.isfinite(value)]
+        std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+        result[name] = {"mean": statistics.fmean(finite) if finite else math.nan, "std": std, "n": len(finite)}
+    return result
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+
+
+def read_history(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+
+
+@dataclass
+class RunRecord:
+    """One run directory read back: its config, its epochs and (when finished) its summary."""
+
+    path: Path
+    config: dict[str, Any]
+    history: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+
+    @property
+    def final(self) -> dict[str, float]:
+        if self.summary is not None:
+            return final_metrics(self.summary)
+        return epoch_metrics(self.history[-1]) if self.history else {}
+
+
+@dataclass
+class ResultSet:
+    """What ``compare`` and ``plot`` show for one argument: a run, or a seed group (one run per seed)."""
+
+    path: Path
+    label: str
+    runs: dict[int | None, RunRecord] = field(default_factory=dict)  # seed -> run; None for a single run
+
+    @property
+    def first(self) -> RunRecord:
+        return next(iter(self.runs.values()))
+
+    @property
+    def is_group(self) -> bool:
+        return None not in self.runs
+
+
+def read_run(path: Path) -> RunRecord:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise UsageError(f"{path} is not a kdcli run directory (no config.json) nor a seed group (no {SEED_GROUP_MANIFEST})")
+    summary_path = path / "summary.json"
+    summary = _read_json(summary_path) if summary_path.is_file() else None
+    return RunRecord(path, _read_json(config_path), read_history(path), summary)
+
+
+def read_results(path: Path) -> ResultSet:
+    """A run directory or a seed group, with every seed run that has a config."""
+    if not path.is_dir():
+        raise UsageError(f"{path} is not a directory")
+    if not (path / SEED_GROUP_MANIFEST).is_file():
+        return ResultSet(path, path.name, {None: read_run(path)})
+    seeds = sorted(int(child.name.removeprefix(SEED_DIR_PREFIX)) for child in path.glob(f"{SEED_DIR_PREFIX}*")
+                   if child.name.removeprefix(SEED_DIR_PREFIX).lstrip("-").isdigit() and (child / "config.json").is_file())
+    if not seeds:
+        raise UsageError(f"seed group {path} holds no seed runs yet")
+    return ResultSet(path, path.name, {seed: read_run(seed_dir(path, seed)) for seed in seeds})

@@ -1,0 +1,97 @@
+"""kdcli export writes the Hub layout timm loads; students record their teacher's lineage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, run_cli
+from kdcli.checkpoint import checkpoint_digest
+from kdcli.jobs.common import model_from_checkpoint
+
+LOAD_WITH_TIMM = """
+import json, sys
+import timm, torch
+model = timm.create_model("local-dir:" + sys.argv[1], pretrained=True).eval()
+with torch.no_grad():
+    logits = model(torch.load(sys.argv[2]))
+assert not any(name == "kdcli" or name.startswith("kdcli.") for name in sys.modules), "kdcli was imported"
+print(json.dumps({"logits": logits.tolist(), "mean": list(model.pretrained_cfg["mean"]), "input_size": list(model.pretrained_cfg["input_size"])}))
+"""
+
+
+@pytest.fixture(scope="module")
+def timm_student(teacher_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A student with a timm architecture (resnet10t), distilled for one epoch."""
+    out = tmp_path_factory.mktemp("export") / "student"
+    result = run_cli("distill", "--teacher", teacher_run / "last.safetensors", "--model", "resnet10t", "--epochs", 1, "--out", out, *TINY)
+    assert result.exit_code == 0, result
+    return out
+
+
+def test_timm_loads_the_export_with_the_same_logits(timm_student: Path, tmp_path: Path) -> None:
+    checkpoint = timm_student / "last.safetensors"
+    out = tmp_path / "hub"
+    result = run_cli("export", checkpoint, out, "--json")
+    assert result.exit_code == 0, result
+    assert result.json()["timm_native"] is True
+    assert {path.name for path in out.iterdir()} == {"model.safetensors", "config.json", "README.md"}
+    model, info = model_from_checkpoint(checkpoint)
+    inputs = torch.randn(4, *info.input_size, generator=torch.Generator().manual_seed(0))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        expected = model.eval()(inputs)
+    # A process that never imports kdcli: only timm, as a Hub user would.
+    probe = subprocess.run([sys.executable, "-c", LOAD_WITH_TIMM, str(out), str(tmp_path / "inputs.pt")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    loaded = json.loads(probe.stdout)
+    assert torch.allclose(torch.tensor(loaded["logits"]), expected, atol=1e-5)
+    assert loaded["mean"] == pytest.approx(list(info.mean)) and loaded["input_size"] == list(info.input_size)
+
+
+def test_model_card_names_metrics_method_teacher_and_data(timm_student: Path, teacher_run: Path, tmp_path: Path) -> None:
+    assert run_cli("export", timm_student / "last.safetensors", tmp_path / "hub").exit_code == 0
+    card = (tmp_path / "hub" / "README.md").read_text()
+    summary = json.loads((timm_student / "summary.json").read_text())
+    assert card.startswith("---\nlibrary_name: timm\n")
+    assert f"| test top1 | {summary['test']['top1']:.4f} |" in card
+    assert "`temperature`: `4.0`" in card and "kd" in card
+    assert "`cifar_resnet14`" in card and checkpoint_digest(teacher_run / "last.safetensors") in card
+    assert "`synthetic`" in card
+
+
+def test_a_kdcli_architecture_exports_with_a_note(teacher_run: Path, tmp_path: Path) -> None:
+    result = run_cli("export", teacher_run / "last.safetensors", tmp_path / "hub")
+    assert result.exit_code == 0, result
+    assert "import kdcli.models" in result.stdout
+    assert "import kdcli.models" in (tmp_path / "hub" / "README.md").read_text()
+
+
+def test_lineage_is_recorded_and_shown(timm_student: Path, teacher_run: Path) -> None:
+    report = run_cli("eval", timm_student / "last.safetensors", "--json").json()
+    (teacher,) = report["lineage"]
+    assert teacher["arch"] == "cifar_resnet14" and teacher["method"] == "standard"
+    assert teacher["sha256"] == checkpoint_digest(teacher_run / "last.safetensors")
+    assert 0.0 <= teacher["clean_top1"] <= 1.0 and teacher["clean_split"] == "val"
+    table = run_cli("eval", timm_student / "last.safetensors")
+    assert "lineage: resnet10t <- cifar_resnet14 (standard, epoch 3" in table.stdout
+
+
+def test_refusals_come_before_any_file(timm_student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    result = run_cli("export", timm_student / "last.safetensors", busy)
+    assert result.exit_code == 2 and "not empty" in result.stderr and "--overwrite" in result.stderr
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored login
+    result = run_cli("export", timm_student / "last.safetensors", tmp_path / "new", "--push", "someone/model")
+    assert result.exit_code == 1 and result.stderr.startswith("kdcli: error: pushing to the Hugging Face Hub needs a login")
+    assert not (tmp_path / "new").exists()
+    result = run_cli("export", tmp_path / "missing.safetensors", tmp_path / "other")
+    assert result.exit_code == 1 and result.stderr.startswith("kdcli: error:") and not (tmp_path / "other").exists()
