@@ -95,7 +95,7 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             # Training turns its own interrupts into a KdcliError; this one came while setting up or reporting.
-            stderr.print("kdcli: error: interrupted outside training; every file written so far is complete", markup=False)
+            stderr.print("kdcli: error: interrupted outside training; every file written so far is complete", markup=False, soft_wrap=True)
             raise typer.Exit(130) from None
 
     return wrapper
