@@ -148,8 +148,10 @@ def test_kill_9_at_random_points_always_resumes_bit_exact(job: str, server: Fork
     points = kill_points(random.Random(f"kill-9-{job}"), reference.seconds, tmp_path)
     run, kills, fresh = tmp_path / "run", 0, True
     inside_writes = 0
-    for _ in range(3 * KILLS[job]):
-        if kills == KILLS[job]:
+    # Which points a run reaches depends on timing (a resumed run may write best.safetensors less often):
+    # go on until the kills include at least two inside a write.
+    for _ in range(6 * KILLS[job]):
+        if kills >= KILLS[job] and inside_writes >= 2:
             break
         point = next(points)
         args = [*job_args(job, teacher_run), "--out", run, "--overwrite", *RUN] if fresh else [job, "--resume", run, "-q"]
@@ -167,7 +169,7 @@ def test_kill_9_at_random_points_always_resumes_bit_exact(job: str, server: Fork
             assert refused.returncode == 2 and "not a kdcli run directory" in one_error_line(refused.stderr)
         else:
             resume_copy_to_the_end(server, job, run, tmp_path / f"copy-{kills}", reference.run)
-    assert kills == KILLS[job] and inside_writes >= 2
+    assert kills >= KILLS[job] and inside_writes >= 2
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
