@@ -57,8 +57,9 @@ class KdcliGroup(TyperGroup):
             stderr.print(f"kdcli: error: {message} (see '{command} --help')", markup=False, soft_wrap=True)
             result = exc.exit_code
         except typer.Abort:  # click's name for Ctrl-C while it parses
-            stderr.print("kdcli: error: interrupted", markup=False)
             result = 130
+        if result == 130 and not _interrupt_reported:  # Typer turns Ctrl-C while it parses into a silent exit 130
+            os.write(2, b"kdcli: error: interrupted\n")
         if not standalone_mode:
             return result
         sys.exit(result if isinstance(result, int) else 0)
@@ -80,6 +81,14 @@ stdout = Console()
 stderr = Console(stderr=True, highlight=False)
 
 
+_interrupt_reported = False  # a command already said in its one line that it was interrupted
+
+
+def _report_interrupt() -> None:
+    global _interrupt_reported
+    _interrupt_reported = True
+
+
 def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn expected failures into one line and an exit code instead of a traceback."""
 
@@ -89,13 +98,17 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except KdcliError as exc:
             stderr.print(f"kdcli: error: {one_line(str(exc), MAX_ERROR)}{_resume_words(exc.resume)}", markup=False, soft_wrap=True)
+            if exc.exit_code == 130:
+                _report_interrupt()
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:
             stderr.print(f"kdcli: error: {one_line(str(exc), MAX_ERROR)}", markup=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             # Training turns its own interrupts into a KdcliError; this one came while setting up or reporting.
-            stderr.print("kdcli: error: interrupted outside training; every file written so far is complete", markup=False, soft_wrap=True)
+            # Written to the descriptor at once: an interrupt inside an import can leave rich's lazy imports unusable.
+            os.write(2, b"kdcli: error: interrupted outside training; every file written so far is complete\n")
+            _report_interrupt()
             raise typer.Exit(130) from None
 
     return wrapper
