@@ -12,7 +12,6 @@ needs ``import kdcli.models`` first, which registers it with timm.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,14 @@ class ExportSummary:
                 "timm_native": self.timm_native, "pushed_to": self.pushed_to}
 
 
+def _remove_export(out: Path) -> None:
+    """Replace only an earlier export: a folder holding anything but its three files is the user's."""
+    if not out.is_dir() or not {entry.name for entry in out.iterdir()} <= {WEIGHTS, CONFIG, CARD}:
+        raise UsageError(f"refusing to overwrite {out}: it holds more than an export's {WEIGHTS}, {CONFIG} and {CARD}")
+    for name in (WEIGHTS, CONFIG, CARD):
+        (out / name).unlink(missing_ok=True)
+
+
 def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False, push_to: str | None = None) -> ExportSummary:
     """Write the Hub layout of ``checkpoint`` into ``out`` (and upload it to ``push_to``); checks come first."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -53,8 +60,8 @@ def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False, p
     model.eval()
     run_summary = deployed_summary(checkpoint)
     if out.exists() and overwrite:
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    out.mkdir(parents=True)
+        _remove_export(out)
+    out.mkdir(parents=True, exist_ok=True)
     save_file({key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()}, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / CONFIG).write_text(json.dumps(hub_config(model, info), indent=2) + "\n", encoding="utf-8")
     native = type(model).__module__.startswith("timm.")

@@ -13,7 +13,6 @@ are read back, an interrupted seed resumes where it stopped.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from kdcli.errors import KdcliError, ResumeHint, UsageError
 from kdcli.jobs.build import RunSpec, resolve_run
 from kdcli.jobs.train import Notify, train
 from kdcli.results import SEED_GROUP_MANIFEST, aggregate, final_metrics, seed_dir
+from kdcli.rundir import check_replaceable, is_kdcli_run, remove_run
 
 SEEDS_FORMAT = "kdcli-seeds"
 SeedCallback = Callable[[int, dict[str, Any], bool], None]  # seed, its summary, whether it was read back
@@ -79,9 +79,19 @@ def prepare_group_dir(out: Path, config: RunConfig, seeds: list[int], *, overwri
         saved = _read_manifest(out)
         if saved.get("format") != SEEDS_FORMAT or saved.get("recipe") != record["recipe"]:
             raise UsageError(f"{out} holds a seed group with a different config; choose another run directory or overwrite it")
-    elif out.exists() and overwrite:
-        shutil.rmtree(out)
+    elif out.exists() and overwrite and any(out.iterdir()):
+        _remove_group(out, config)
     atomic_write_bytes(manifest, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def _remove_group(out: Path, config: RunConfig) -> None:
+    """Only what kdcli wrote: the manifest and each seed's run (a user's files stay); refused for other folders."""
+    reads = () if config.teacher is None or str(config.teacher).startswith("timm:") else (config.teacher,)
+    check_replaceable(out, reads, marker=SEED_GROUP_MANIFEST)
+    for run in out.glob("seed-*"):
+        if is_kdcli_run(run):
+            remove_run(run)
+    (out / SEED_GROUP_MANIFEST).unlink()
 
 
 def _read_manifest(out: Path) -> dict[str, Any]:

@@ -299,14 +299,14 @@ def run_seeded_sweep(runs: list[TeacherRun], recipe: RunSpec, out: Path, seeds: 
     """The same sweep once per seed under ``out/seed-N`` (each continues like a sweep), then aggregated rows."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"sweep directory {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite and not any(out.glob("seed-*/sweep.json")):
-        raise UsageError(f"{out} exists and is not a kdcli sweep directory; choose another sweep directory or overwrite it")
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()) and not any(out.glob("seed-*/sweep.json")):
+        # Overwriting replaces each seed's sweep (run_sweep owns that); a folder holding none is not kdcli's.
+        raise UsageError(f"{out} exists and is not a kdcli sweep directory; choose another sweep directory")
     sweeps = {}
     for seed in seeds:
         config = recipe.config.model_copy(update={"train": recipe.config.train.model_copy(update={"seed": seed})})
-        sweeps[seed] = run_sweep(runs, RunSpec(config, recipe.method, recipe.params), seed_dir(out, seed), **options)
+        spec = RunSpec(config, recipe.method, recipe.params)
+        sweeps[seed] = run_sweep(runs, spec, seed_dir(out, seed), overwrite=overwrite, **options)
     rows = seed_rows(sweeps)
     atomic_write_bytes(out / "results.json", (json.dumps(rows, indent=2) + "\n").encode())
     return SeededSweepResult(out, sweeps, rows)
