@@ -751,9 +751,9 @@ def methods_show(name: Annotated[str, typer.Argument(help="Method name.")], json
 def _describe_params(method: type[Method]) -> list[dict[str, Any]]:
     schema = method.Params.model_json_schema()
     rows = []
-    for name, field in method.Params.model_fields.items():
+    for name, declared in method.Params.model_fields.items():
         prop = schema.get("properties", {}).get(name, {})
-        rows.append({"name": name, "type": _schema_type(prop), "default": field.get_default(call_default_factory=True), "help": field.description or ""})
+        rows.append({"name": name, "type": _schema_type(prop), "default": declared.get_default(call_default_factory=True), "help": declared.description or ""})
     return rows
 
 

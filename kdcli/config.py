@@ -60,6 +60,9 @@ class SyntheticConfig(StrictModel):
     label_flip: float = Field(
         0.0, ge=0.0, lt=1.0, description="Fraction of train labels moved to another class (label noise; test untouched)."
     )
+    label_flip_val: bool = Field(
+        True, description="Flip the validation split's labels too; false = a clean held-out set, as meta-learned weighting assumes."
+    )
     seed: Seed = 0
 
 

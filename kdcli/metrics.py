@@ -24,7 +24,6 @@ def expected_calibration_error(probs: Tensor, targets: Tensor, num_bins: int = 1
     # Inner edges only, right=False: confidence c lands in the bin (lo, hi] holding it.
     edges = torch.linspace(0, 1, num_bins + 1, device=probs.device)
     bins = torch.bucketize(confidence, edges[1:-1], right=False)
-    counts = torch.bincount(bins, minlength=num_bins).float()
     confidence_sum = torch.bincount(bins, weights=confidence, minlength=num_bins)
     correct_sum = torch.bincount(bins, weights=correct, minlength=num_bins)
     return ((confidence_sum - correct_sum).abs().sum() / probs.shape[0]).item()

@@ -172,18 +172,35 @@ def setup_runtime(train: TrainConfig) -> Runtime:
 def runtime_for(train: TrainConfig) -> Iterator[Runtime]:
     """A runtime that leaves the process group it joined, however the work inside ends.
 
-    A process group that was already joined (an outer runtime) stays joined.
+    A process group that was already joined (an outer runtime) stays joined; the
+    process-wide numerics settings (determinism, TF32, cuDNN autotuning) are put back.
     """
     joins = not (dist.is_available() and dist.is_initialized())
-    runtime = setup_runtime(train)
+    numerics = _numerics_settings()
     try:
-        yield runtime
-    except BaseException:
+        runtime = setup_runtime(train)
+        try:
+            yield runtime
+        except BaseException:
+            if joins:
+                runtime.shutdown(wait_for_others=False)
+            raise
         if joins:
-            runtime.shutdown(wait_for_others=False)
-        raise
-    if joins:
-        runtime.shutdown()
+            runtime.shutdown()
+    finally:
+        _restore_numerics(numerics)  # determinism and TF32 are process-wide: a later run in this process starts clean
+
+
+def _numerics_settings() -> tuple[bool, bool, bool, bool]:
+    return (
+        torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+    )
+
+
+def _restore_numerics(settings: tuple[bool, bool, bool, bool]) -> None:
+    deterministic, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = settings
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -282,6 +282,22 @@ def test_label_flip_changes_a_fraction_of_train_labels_and_nothing_else() -> Non
     assert torch.equal(noisy.test.targets, clean.test.targets) and torch.equal(noisy.test.images, clean.test.images)
 
 
+
+def test_clean_held_out_set_keeps_true_labels_on_validation_only() -> None:
+    from kdcli.config import DataConfig
+    from kdcli.jobs.common import evaluation_split, load_data
+
+    def splits(**synthetic: object) -> tuple[Tensor, Tensor]:
+        config = DataConfig(val_split=0.2, split_seed=3, synthetic={"num_train": 400, "num_test": 50, **synthetic})
+        bundle = load_data(config)
+        return evaluation_split(bundle, config, "train").targets, evaluation_split(bundle, config, "val").targets
+
+    clean_train, clean_val = splits()
+    noisy_train, noisy_val = splits(label_flip=0.25)
+    held_train, held_val = splits(label_flip=0.25, label_flip_val=False)
+    assert torch.equal(held_val, clean_val) and not torch.equal(noisy_val, clean_val)
+    assert torch.equal(held_train, noisy_train) and not torch.equal(held_train, clean_train)
+
 # --- through the CLI ----------------------------------------------------------------------------------
 
 

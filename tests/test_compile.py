@@ -70,3 +70,4 @@ def test_teacher_cache_tables_compile_nothing_new(recorder: GraphRecorder, teach
     result = run_cli("distill", "--out", tmp_path / "run", *args)
     assert result.exit_code == 0, result
     assert recorder.calls == [27]  # 9 steps a epoch, one graph
+

@@ -21,7 +21,7 @@ def _no_argument(name: str, argument: str | None) -> None:
 
 def synthetic(request: DataRequest) -> DataBundle:
     _no_argument("synthetic", request.argument)
-    return make_synthetic(**request.synthetic)
+    return make_synthetic(**request.synthetic, holdout=(request.val_split, request.split_seed))
 
 
 def cifar10(request: DataRequest) -> DataBundle:

@@ -66,6 +66,8 @@ class DataRequest:
     download: bool = False
     image_size: int = 64
     synthetic: dict[str, Any] = field(default_factory=dict)
+    val_split: float = 0.1  # the run's validation fraction and split seed (see split_train_val)
+    split_seed: int = 0
     streaming: dict[str, Any] = field(default_factory=dict)  # the streaming path's settings (in_memory, workers, ...)
 
 
@@ -92,13 +94,18 @@ def split_train_val(split: ImageSplit, fraction: float, seed: int) -> tuple[Imag
     The two parts are disjoint, depend only on ``seed``, and keep the original
     order within each part. ``fraction == 0`` returns ``(split, None)``.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise UsageError(f"validation fraction must be in [0, 1), got {fraction}")
     if fraction == 0.0:
         return split, None
-    num_val = round(fraction * len(split))
-    if not 0 < num_val < len(split):
-        raise UsageError(f"validation fraction {fraction} of {len(split)} samples leaves an empty split")
-    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
-    val_index, train_index = order[:num_val].sort().values, order[num_val:].sort().values
+    train_index, val_index = holdout_index(len(split), fraction, seed)
     return split.subset(train_index), split.subset(val_index)
+
+
+def holdout_index(count: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """``(train_index, val_index)``: the sorted positions ``split_train_val`` puts in each part."""
+    if not 0.0 <= fraction < 1.0:
+        raise UsageError(f"validation fraction must be in [0, 1), got {fraction}")
+    num_val = round(fraction * count)
+    if not 0 < num_val < count:
+        raise UsageError(f"validation fraction {fraction} of {count} samples leaves an empty split")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return order[num_val:].sort().values, order[:num_val].sort().values

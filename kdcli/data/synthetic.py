@@ -20,6 +20,9 @@ Generative model (after the SoTeacher paper's data model):
   uniformly drawn different class, as in label-noise studies. The flips come
   from a generator of their own, so images, ``p*`` and the test split are the
   same with or without them; ``p*`` stays the clean distribution.
+  ``label_flip_val=False`` keeps the true labels of the samples that the run's
+  validation split (``holdout``) will hold: a clean held-out set, which meta-learned
+  sample weighting (TGeo-KD's upper level) assumes.
 
 Everything is drawn from one ``torch.Generator``: a seed fixes the data set.
 """
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kdcli.data.bundle import DataBundle, ImageSplit
+from kdcli.data.bundle import DataBundle, ImageSplit, holdout_index
 from kdcli.data.memory import require_memory
 from kdcli.errors import UsageError
 
@@ -64,6 +67,8 @@ def make_synthetic(
     dirichlet_alpha: float = 0.05,
     zipf_exponent: float = 1.0,
     label_flip: float = 0.0,
+    label_flip_val: bool = True,
+    holdout: tuple[float, int] = (0.1, 0),
     seed: int = 0,
 ) -> DataBundle:
     """Generate the synthetic data set; both splits carry ``p_star``.
@@ -86,7 +91,8 @@ def make_synthetic(
         for size in (num_train, num_test)
     )
     if label_flip > 0:
-        train = flip_labels(train, label_flip, num_classes, seed)
+        flipped = flip_labels(train, label_flip, num_classes, seed)
+        train = flipped if label_flip_val else _restore_holdout_labels(flipped, train, holdout)
     return DataBundle(
         name="synthetic",
         num_classes=num_classes,
@@ -110,6 +116,17 @@ def flip_labels(split: ImageSplit, fraction: float, num_classes: int, seed: int)
     targets = split.targets.clone()
     targets[flipped] = (targets[flipped] + shift) % num_classes
     return ImageSplit(split.images, targets, split.p_star)
+
+
+def _restore_holdout_labels(flipped: ImageSplit, clean: ImageSplit, holdout: tuple[float, int]) -> ImageSplit:
+    """``flipped`` with the true labels back on the samples the validation split ``holdout`` will carve out."""
+    fraction, split_seed = holdout
+    if fraction == 0.0:
+        return flipped
+    _, val_index = holdout_index(len(clean), fraction, split_seed)
+    targets = flipped.targets.clone()
+    targets[val_index] = clean.targets[val_index]
+    return ImageSplit(flipped.images, targets, flipped.p_star)
 
 
 def bayes_accuracy(p_star: Tensor) -> float:

@@ -29,7 +29,7 @@ def load_data(config: DataConfig) -> DataBundle:
     streaming = config.model_dump(include={"in_memory", "memory_budget_gb", "workers", "on_corrupt", "crop_pct", "crop_scale_min", "auto_augment"})
     request = DataRequest(
         argument=argument or None, root=config.root, download=config.download, image_size=config.image_size,
-        synthetic=config.synthetic.model_dump(), streaming=streaming,
+        synthetic=config.synthetic.model_dump(), val_split=config.val_split, split_seed=config.split_seed, streaming=streaming,
     )
     builder = get_dataset_builder(name)
     try:
