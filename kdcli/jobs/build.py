@@ -28,6 +28,7 @@ from kdcli.teacher import FrozenTeacher, Normalization, Renormalization
 from kdcli.teacher_cache import CachedTeacher, FullLogits, TopKLogits, cache_key
 
 DEFAULT_MODELS = {"teach": "cifar_resnet20", "distill": "cifar_resnet8"}
+MIXING_KEYS = ("mixup_alpha", "cutmix_alpha", "mix_prob")  # data keys a student does not take from its teacher
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,17 @@ class RunSpec:
 
 
 def new_run_config(job: str, *, file: Path | None, flags: dict[str, Any], overrides: list[str]) -> RunConfig:
-    """A new run's config: defaults < file < flags < ``--set``; with a teacher, its data set is the default data."""
+    """A new run's config: defaults < file < flags < ``--set``; with a teacher, its data set is the default data.
+
+    The teacher's Mixup/CutMix is not passed on: mixing needs a method that takes class probabilities, so each run chooses it.
+    """
     config = build_config(defaults={"job": job}, file=file, flags=flags, overrides=overrides)
     if config.job != job:  # a config file or --set may not turn one command into the other
         raise UsageError(f"kdcli {job} runs job={job}; drop job={config.job} (or run kdcli {config.job})")
     if config.teacher is None or is_timm_teacher(config.teacher):  # a timm teacher names no data set
         return config
     teacher_data = checkpoint_data_config(read_checkpoint_info(config.teacher), config.teacher, root=None, download=False)
-    data = {key: value for key, value in teacher_data.model_dump(mode="json").items() if key not in DATA_LOCATION_KEYS}
+    data = teacher_data.model_dump(mode="json", exclude={*DATA_LOCATION_KEYS, *MIXING_KEYS})
     return build_config(defaults={"job": job, "data": data}, file=file, flags=flags, overrides=overrides)
 
 
@@ -92,6 +96,7 @@ def resolve_run(config: RunConfig) -> RunSpec:
             "--cache-teacher keeps its tables beside the teacher's checkpoint file, and a timm:NAME teacher has none: "
             "drop --cache-teacher"
         )
+    _check_mixing(config, name, method_cls)
     check_logger_names(config.log.to)
     try:
         params = method_cls.Params.model_validate(config.method.params)
@@ -108,6 +113,24 @@ def resolve_run(config: RunConfig) -> RunSpec:
         }
     )
     return RunSpec(resolved, method_cls, params)
+
+
+MIXING_OFF = "set data.mixup_alpha=0 and data.cutmix_alpha=0"
+
+
+def _check_mixing(config: RunConfig, name: str, method_cls: type[Method]) -> None:
+    """Mixed batches carry class probabilities as targets, and their views depend on the batch: refuse what cannot take them."""
+    if not config.data.mixing:
+        return
+    if not method_cls.accepts_soft_targets:
+        raise UsageError(
+            f"method {name!r} needs class labels as targets, and Mixup/CutMix make them class probabilities: {MIXING_OFF}"
+        )
+    if config.train.cache_teacher:
+        raise UsageError(
+            "--cache-teacher replays each sample's view, and a Mixup/CutMix view depends on its batch: "
+            f"drop --cache-teacher or {MIXING_OFF}"
+        )
 
 
 def _default_model(config: RunConfig, method_cls: type[Method]) -> str:

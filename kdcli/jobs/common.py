@@ -14,6 +14,7 @@ from kdcli.checkpoint import CheckpointInfo, load_checkpoint, tensors_mismatch
 from kdcli.config import DataConfig, format_validation_error
 from kdcli.data.augment import BatchAugment
 from kdcli.data.bundle import DataBundle, DataRequest, ImageSplit, split_train_val
+from kdcli.data.mixing import BatchMixing
 from kdcli.data.vision import DataSetMissing
 from kdcli.engine import TrainingData
 from kdcli.errors import KdcliError, UsageError, first_line, one_line, unknown_name
@@ -48,9 +49,12 @@ def load_data(config: DataConfig) -> DataBundle:
 
 def training_data(bundle: DataBundle, config: DataConfig) -> TrainingData:
     train, val = split_train_val(bundle.train, config.val_split, config.split_seed)
+    mixing = batch_mixing(config, bundle.num_classes)
     if bundle.recipe is not None:
         recipe = bundle.recipe if config.hflip is None else replace(bundle.recipe, hflip=config.hflip)
-        return TrainingData(train=train, val=val, augment=recipe, mean=bundle.mean, std=bundle.std, input_size=bundle.input_size)
+        return TrainingData(
+            train=train, val=val, augment=recipe, mean=bundle.mean, std=bundle.std, input_size=bundle.input_size, mixing=mixing
+        )
     augment = BatchAugment(
         bundle.mean,
         bundle.std,
@@ -58,7 +62,16 @@ def training_data(bundle: DataBundle, config: DataConfig) -> TrainingData:
         hflip=bundle.hflip if config.hflip is None else config.hflip,
         rotation=config.rotation,
     )
-    return TrainingData(train=train, val=val, augment=augment, mean=bundle.mean, std=bundle.std, input_size=bundle.input_size)
+    return TrainingData(
+        train=train, val=val, augment=augment, mean=bundle.mean, std=bundle.std, input_size=bundle.input_size, mixing=mixing
+    )
+
+
+def batch_mixing(config: DataConfig, num_classes: int) -> BatchMixing | None:
+    """Mixup/CutMix of the training batches as ``config`` sets them; None when both are off."""
+    if not config.mixing:
+        return None
+    return BatchMixing(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha, mix_prob=config.mix_prob, num_classes=num_classes)
 
 
 def evaluation_split(bundle: DataBundle, config: DataConfig, split: str) -> ImageSplit:
