@@ -24,7 +24,7 @@ from kdcli.registry import check_logger_names, get_method
 from kdcli.rundir import RunDir
 from kdcli.runtime import Runtime
 from kdcli.step import Batch
-from kdcli.teacher import FrozenTeacher, Normalization, Renormalization
+from kdcli.teacher import FrozenTeacher, Normalization, Renormalization, Resize
 from kdcli.teacher_cache import CachedTeacher, FullLogits, TopKLogits, cache_key
 
 DEFAULT_MODELS = {"teach": "cifar_resnet20", "distill": "cifar_resnet8"}
@@ -177,15 +177,21 @@ def method_context(config: RunConfig, data: TrainingData, runtime: Runtime, num_
 
 
 def teacher_source(
-    network: nn.Module, config: RunConfig, data: TrainingData, runtime: Runtime, normalization: Normalization | None = None
+    network: nn.Module,
+    config: RunConfig,
+    data: TrainingData,
+    runtime: Runtime,
+    normalization: Normalization | None = None,
+    resize: Resize | None = None,
 ) -> FrozenTeacher:
-    """The frozen teacher on the training device, fed in its own ``normalization`` (None: the data set's);
-    behind a table of its logits with ``train.cache_teacher``."""
+    """The frozen teacher on the training device, fed in its own ``normalization`` (None: the data set's)
+    at its own input size (``resize``; None: the student's); behind a table of its logits with ``train.cache_teacher``."""
     network = runtime.place(network, config.train)
     own = normalization is not None and tuple(map(tuple, normalization)) != (tuple(data.mean), tuple(data.std))
     renormalize = Renormalization((data.mean, data.std), normalization) if own else None
     if not config.train.cache_teacher:
-        return FrozenTeacher(network, renormalize)
+        return FrozenTeacher(network, renormalize, resize)
+    assert resize is None  # resolve_run refuses a cache for timm teachers, the only ones resized
     assert config.teacher is not None  # RunConfig refuses a cache without a teacher
     topk = config.train.cache_teacher_topk
     key = cache_key(config.teacher, data.train, data.augment, seed=config.train.seed, precision=str(runtime.autocast_dtype), topk=topk)
@@ -265,18 +271,20 @@ def build_training(
     *,
     show_progress: bool,
     teacher_normalization: Normalization | None = None,
+    teacher_resize: Resize | None = None,
     record_hooks: Sequence[Callable[[dict[str, Any]], None]] = (),
 ) -> TrainingParts:
     """Student, teacher source, method and trainer; the student draws its initialization from the run's seed.
 
-    ``teacher_normalization``: the (mean, std) the teacher was trained with (None: the data set's).
+    ``teacher_normalization``: the (mean, std) the teacher was trained with (None: the data set's);
+    ``teacher_resize``: what brings the student's inputs to the teacher's input size (None: none needed).
     """
     config = spec.config
     torch.manual_seed(config.train.seed)
     student = runtime.place(new_model(spec.model_name, num_classes=bundle.num_classes, input_size=bundle.input_size), config.train)
     data = training_data(bundle, config.data)
     check_batches(student, spec.model_name, data, config.train, runtime)
-    source = None if teacher is None else teacher_source(teacher, config, data, runtime, teacher_normalization)
+    source = None if teacher is None else teacher_source(teacher, config, data, runtime, teacher_normalization, teacher_resize)
     method = spec.method(spec.params, student=student, teacher=source, context=method_context(config, data, runtime, bundle.num_classes))
     observers: dict[str, EpochObserver] = {"teacher_cache": source} if isinstance(source, CachedTeacher) else {}
     trainer = Trainer(

@@ -20,6 +20,7 @@ from kdcli.engine import TrainingData
 from kdcli.errors import KdcliError, UsageError, first_line, one_line, unknown_name
 from kdcli.models import create_model
 from kdcli.registry import get_dataset_builder, load_model_plugins, model_plugin_failures
+from kdcli.teacher import Resize
 
 TIMM_PREFIX = "timm:"
 
@@ -165,6 +166,14 @@ def pretrained_timm_model(name: str) -> tuple[nn.Module, CheckpointInfo]:
         epoch=0,
     )
     return model, info
+
+
+def pretrained_resize(model: nn.Module, info: CheckpointInfo, input_size: tuple[int, int, int]) -> Resize | None:
+    """What brings inputs of ``input_size`` to the size in a timm teacher's pretrained config; None when they agree."""
+    size = (int(info.input_size[1]), int(info.input_size[2]))
+    if size == tuple(input_size[1:]):
+        return None
+    return Resize(size, str(getattr(model, "pretrained_cfg", {}).get("interpolation", "bilinear")))
 
 
 def model_from_checkpoint(path: Path) -> tuple[nn.Module, CheckpointInfo]:
