@@ -96,7 +96,9 @@ class FrozenTeacher:
         return stage_features(self.network, self.own_inputs(inputs), indices)
 
     def feature_shapes(self, input_size: tuple[int, int, int]) -> list[torch.Size]:
-        return feature_shapes(self.network, input_size)
+        """Stage feature shapes for the student's ``input_size``, as the teacher sees it (resized, if it is)."""
+        seen = input_size if self.resize is None else (input_size[0], *self.resize.size)
+        return feature_shapes(self.network, seen)
 
     def on_epoch_start(self, epoch: int) -> None:
         """Sources that keep per-epoch tables switch them here."""

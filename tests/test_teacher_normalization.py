@@ -18,6 +18,7 @@ from kdcli.config import load_resolved_config
 from kdcli.data.augment import normalize
 from kdcli.inference import predict
 from kdcli.jobs.common import load_data, model_from_checkpoint, pretrained_resize, pretrained_timm_model
+from kdcli.features import feature_shapes
 from kdcli.metrics import classification_report, topk_accuracy
 from kdcli.step import Batch
 from kdcli.teacher import FrozenTeacher, Renormalization, Resize
@@ -102,6 +103,7 @@ def test_the_teacher_resize_follows_the_pretrained_config(tmp_path: Path) -> Non
     with torch.no_grad():
         expected = network(bicubic_160(normalize(pixels, *OWN), torch.arange(2)))
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert source.feature_shapes((3, 16, 16)) == feature_shapes(network, (3, 160, 160))  # connectors fit what the teacher sees
 
 
 def test_a_missing_pretrained_teacher_is_one_line(tmp_path: Path) -> None:
