@@ -153,15 +153,15 @@ class TrainConfig(StrictModel):
     cache_teacher: bool = Field(
         False, description="Compute the teacher's logits once and reuse them (stored next to the teacher checkpoint)."
     )
-    teacher_resize: Literal["auto", "off"] = Field(
-        "auto",
-        description="A timm:NAME teacher: resize the student's crop to the teacher's pretrained input size with its "
-        "interpolation when they differ (auto), or feed the crop as it is (off).",
-    )
     cache_teacher_topk: PositiveInt | None = Field(
         None,
         description="Keep only each sample's k largest teacher logits and the remaining mass (tables for many classes); "
         "None = every logit, exact.",
+    )
+    teacher_resize: Literal["auto", "off"] = Field(
+        "auto",
+        description="A timm:NAME teacher: resize the student's crop to the teacher's pretrained input size with its "
+        "interpolation when they differ (auto), or feed the crop as it is (off).",
     )
 
     @model_validator(mode="after")

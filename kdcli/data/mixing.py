@@ -17,6 +17,7 @@ composition and are not replayable per sample (``--cache-teacher`` refuses them)
 from __future__ import annotations
 
 from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor

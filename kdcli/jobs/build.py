@@ -29,6 +29,7 @@ from kdcli.teacher_cache import CachedTeacher, FullLogits, TopKLogits, cache_key
 
 DEFAULT_MODELS = {"teach": "cifar_resnet20", "distill": "cifar_resnet8"}
 MIXING_KEYS = ("mixup_alpha", "cutmix_alpha", "mix_prob")  # data keys a student does not take from its teacher
+MIXING_OFF = "set data.mixup_alpha=0 and data.cutmix_alpha=0"
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,6 @@ def resolve_run(config: RunConfig) -> RunSpec:
         }
     )
     return RunSpec(resolved, method_cls, params)
-
-
-MIXING_OFF = "set data.mixup_alpha=0 and data.cutmix_alpha=0"
 
 
 def _check_mixing(config: RunConfig, name: str, method_cls: type[Method]) -> None:
