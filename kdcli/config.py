@@ -93,7 +93,22 @@ class DataConfig(StrictModel):
     crop_padding: NonNegativeInt | None = Field(None, description="Random-crop padding; None = the data set's recipe.")
     hflip: bool | None = Field(None, description="Random horizontal flip; None = the data set's recipe.")
     rotation: float = Field(0.0, ge=0.0, le=180.0, description="Random rotation range in degrees (0 = off).")
+    mixup_alpha: NonNegativeFloat = Field(
+        0.0, description="Mixup of training batches: the mixing weight ~ Beta(alpha, alpha) (0 = off; timm's --mixup)."
+    )
+    cutmix_alpha: NonNegativeFloat = Field(
+        0.0, description="CutMix of training batches: the kept area ~ Beta(alpha, alpha) (0 = off; timm's --cutmix). "
+        "With mixup_alpha too, each mixed batch gets one of the two, with equal odds.",
+    )
+    mix_prob: float = Field(
+        1.0, ge=0.0, le=1.0, description="The chance a training batch is mixed when mixup or cutmix is on (timm's --mixup-prob)."
+    )
     synthetic: SyntheticConfig = SyntheticConfig()
+
+    @property
+    def mixing(self) -> bool:
+        """Whether training batches are mixed (their targets become class probabilities)."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
 class ModelConfig(StrictModel):
@@ -145,6 +160,11 @@ class TrainConfig(StrictModel):
         None,
         description="Keep only each sample's k largest teacher logits and the remaining mass (tables for many classes); "
         "None = every logit, exact.",
+    )
+    teacher_resize: Literal["auto", "off"] = Field(
+        "auto",
+        description="A timm:NAME teacher: resize the student's crop to the teacher's pretrained input size with its "
+        "interpolation when they differ (auto), or feed the crop as it is (off).",
     )
 
     @model_validator(mode="after")

@@ -22,6 +22,7 @@ from kdcli.checkpoint import CheckpointInfo, WriteFailed, atomic_write_bytes, lo
 from kdcli.config import RunConfig, TrainConfig
 from kdcli.data.augment import normalize
 from kdcli.data.loading import Augment, EpochBatches, Split, split_loader, training_epochs
+from kdcli.data.mixing import BatchMixing, MixedEpochs
 from kdcli.errors import KdcliError, ResumeHint
 from kdcli.guards import FiniteWatch, NonFiniteLoss, StopSignals, finite_flags, nonfinite_message
 from kdcli.method import Method
@@ -46,6 +47,7 @@ class TrainingData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     input_size: tuple[int, int, int]
+    mixing: BatchMixing | None = None  # Mixup/CutMix of the training batches; their targets become [B, C] probabilities
 
 
 class EpochObserver(Protocol):
@@ -57,11 +59,12 @@ class EpochObserver(Protocol):
 
 
 def training_loader(data: TrainingData, train: TrainConfig, runtime: Runtime) -> EpochBatches:
-    """This process's shard of every epoch, in the seeded order of ``train.seed``, augmented."""
-    return training_epochs(
+    """This process's shard of every epoch, in the seeded order of ``train.seed``, augmented (and mixed)."""
+    epochs = training_epochs(
         data.train, data.augment, batch_size=runtime.per_rank_batch_size(train.batch_size), device=runtime.device,
         seed=train.seed, num_replicas=runtime.world_size, rank=runtime.rank,
     )
+    return epochs if data.mixing is None else MixedEpochs(epochs, data.mixing, seed=train.seed, rank=runtime.rank)
 
 
 class Trainer:

@@ -148,6 +148,9 @@ class Method:
     Params: ClassVar[type[MethodParams]] = MethodParams
     # Why the method needs, or takes no, teacher network: added to the error when a teacher is misused.
     teacher_note: ClassVar[str] = ""
+    # True when every use of ``batch.targets`` also works with class probabilities [B, C] (``F.cross_entropy``
+    # takes both): only then may a run mix its batches (Mixup/CutMix), which turns labels into probabilities.
+    accepts_soft_targets: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams, *, student: nn.Module, teacher: Teacher | None, context: MethodContext) -> None:
         self.params = params

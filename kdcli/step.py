@@ -18,7 +18,7 @@ class Batch:
     """
 
     inputs: Tensor
-    targets: Tensor
+    targets: Tensor  # int64 labels [B]; float class probabilities [B, C] in mixed (Mixup/CutMix) training batches
     index: Tensor  # position of each sample in its split (for per-sample state)
     epoch: int | None = None
 

@@ -28,7 +28,7 @@ class EpochTally:
     def add(self, output: StepOutput, targets: Tensor) -> None:
         size = targets.shape[0]
         self.seen += size
-        self.correct += output.logits.detach().argmax(dim=1).eq(targets).sum()
+        self.correct += output.logits.detach().argmax(dim=1).eq(class_indices(targets)).sum()
         for name, value in _step_numbers(output).items():
             self.sums[name] = self.sums.get(name, 0) + value.detach().float() * size
 
@@ -64,6 +64,11 @@ class EpochTally:
     def from_state(cls, state: dict[str, Any], device: torch.device) -> EpochTally:
         moved = {"correct": state["correct"].to(device), "sums": {name: value.to(device) for name, value in state["sums"].items()}}
         return cls(**{**state, **moved})
+
+
+def class_indices(targets: Tensor) -> Tensor:
+    """Labels [B] as they are, or the most probable class of probability targets [B, C] (Mixup/CutMix)."""
+    return targets.argmax(dim=1) if targets.ndim == 2 else targets
 
 
 def _step_numbers(output: StepOutput) -> dict[str, Tensor]:

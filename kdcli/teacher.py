@@ -8,8 +8,10 @@ serves logits from a table behind the same seam.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcli.features import feature_shapes, logits_and_features, stage_features
@@ -37,19 +39,46 @@ class Renormalization:
         return torch.addcmul(self.shift.to(inputs.dtype), inputs, self.scale.to(inputs.dtype))
 
 
+# timm's pretrained_cfg interpolation names -> F.interpolate modes; others (timm's "random") resize bilinearly.
+INTERPOLATION_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
+
+
+@dataclass(frozen=True)
+class Resize:
+    """Inputs resized to the (H, W) a pretrained teacher was trained at, with its interpolation.
+
+    Antialiased like torchvision's Resize, so a downscale does not alias.
+    Resampling is linear, so resizing normalized inputs equals normalizing resized pixels.
+    """
+
+    size: tuple[int, int]
+    interpolation: str = "bilinear"
+
+    def __call__(self, inputs: Tensor) -> Tensor:
+        if tuple(inputs.shape[-2:]) == self.size:
+            return inputs
+        mode = INTERPOLATION_MODES.get(self.interpolation, "bilinear")
+        if mode == "nearest":
+            return F.interpolate(inputs, size=self.size, mode=mode)
+        return F.interpolate(inputs, size=self.size, mode=mode, align_corners=False, antialias=True)
+
+
 class FrozenTeacher:
     """A teacher network in eval mode without gradients, run on whatever it is asked.
 
     ``renormalize`` maps the run's normalized inputs to the teacher's own
-    normalization; None when the two agree.
+    normalization; None when the two agree.  ``resize`` brings them to a
+    pretrained teacher's input size; None keeps the student's.
     """
 
-    def __init__(self, network: nn.Module, renormalize: Renormalization | None = None) -> None:
+    def __init__(self, network: nn.Module, renormalize: Renormalization | None = None, resize: Resize | None = None) -> None:
         self.network = network.eval().requires_grad_(False)
         self.renormalize = renormalize
+        self.resize = resize
 
     def own_inputs(self, inputs: Tensor) -> Tensor:
         """``inputs`` as the teacher was trained to see them."""
+        inputs = inputs if self.resize is None else self.resize(inputs)
         return inputs if self.renormalize is None else self.renormalize(inputs)
 
     @torch.no_grad()
@@ -67,7 +96,9 @@ class FrozenTeacher:
         return stage_features(self.network, self.own_inputs(inputs), indices)
 
     def feature_shapes(self, input_size: tuple[int, int, int]) -> list[torch.Size]:
-        return feature_shapes(self.network, input_size)
+        """Stage feature shapes for the student's ``input_size``, as the teacher sees it (resized, if it is)."""
+        seen = input_size if self.resize is None else (input_size[0], *self.resize.size)
+        return feature_shapes(self.network, seen)
 
     def on_epoch_start(self, epoch: int) -> None:
         """Sources that keep per-epoch tables switch them here."""

@@ -108,6 +108,7 @@ class FeatureMimic(Method):
     teacher_use = "required"
     summary = "Hong et al. 2021: noisy-input student mimics the clean teacher's stage features (+CE); noisy-val selection."
     Params = FeatureMimicParams
+    accepts_soft_targets = True  # its only use of the targets is F.cross_entropy
 
     def __init__(self, params: FeatureMimicParams, *, student: nn.Module, teacher: Teacher | None, context: MethodContext) -> None:
         super().__init__(params, student=student, teacher=teacher, context=context)

@@ -30,6 +30,7 @@ class HintonKD(Method):
     teacher_use = "required"
     summary = "Hinton KD: CE plus tau^2-scaled KL to the teacher's softened outputs."
     Params = KDParams
+    accepts_soft_targets = True  # its only use of the targets is F.cross_entropy
 
     def training_step(self, batch: Batch) -> StepOutput:
         teacher_logits = self.teacher_logits(batch)

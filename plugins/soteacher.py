@@ -143,6 +143,7 @@ class SoTeacher(Method):
     teacher_use = "none"
     summary = "SoTeacher: CE + lambda_LR * Lipschitz bound + scheduled consistency to a temporal ensemble."
     Params = SoTeacherParams
+    accepts_soft_targets = True  # targets feed only F.cross_entropy; with mixing the bank follows mixed views
 
     def __init__(self, params: SoTeacherParams, *, student: nn.Module, teacher: Teacher | None, context: MethodContext) -> None:
         super().__init__(params, student=student, teacher=teacher, context=context)

@@ -19,6 +19,7 @@ class Standard(Method):
     teacher_use = "none"
     summary = "Cross-entropy training: teachers and baseline students."
     Params = StandardParams
+    accepts_soft_targets = True  # F.cross_entropy, label smoothing included, takes class probabilities
 
     def training_step(self, batch: Batch) -> StepOutput:
         logits = self.student(batch.inputs)

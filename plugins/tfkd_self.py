@@ -42,6 +42,7 @@ class TfKDSelf(Method):
     summary = "Tf-KD self-training: a pretrained model (usually the student's own architecture) teaches."
     teacher_note = "usually a standard run of the student's own architecture"
     Params = TfKDSelfParams
+    accepts_soft_targets = True  # its only use of the targets is F.cross_entropy
 
     @classmethod
     def default_model(cls, *, teacher_arch: str | None) -> str | None:

@@ -143,14 +143,14 @@ def test_incompatible_plugins_are_reported(distributions: Distributions, teacher
     distributions.add("kdcli-odd", {"kdcli.methods": {name: f"kdcli_odd_methods:{cls}" for name, cls in targets.items()}},
                       {"kdcli_odd_methods": INCOMPATIBLE})
     methods = listed_methods()
-    assert "targets plugin API 3.0, this kdcli provides 2.0; upgrade kdcli" in methods["future"]["error"]
-    assert "targets plugin API 1.0, this kdcli provides 2.0; upgrade the plugin" in methods["past"]["error"]
+    assert "targets plugin API 3.0, this kdcli provides 2.1; upgrade kdcli" in methods["future"]["error"]
+    assert "targets plugin API 1.0, this kdcli provides 2.1; upgrade the plugin" in methods["past"]["error"]
     assert "\n" not in methods["past"]["error"]
     assert "roles must be" in methods["flying"]["error"] and "not a kdcli.method.Method subclass" in methods["plain"]["error"]
     result = run_cli("distill", "--method", "future", "--teacher", teacher_run / "last.safetensors", "--out", tmp_path / "s")
     assert_clean_error(result, 1, "method 'future' from kdcli-odd targets plugin API 3.0")
     result = run_cli("distill", "--method", "past", "--teacher", teacher_run / "last.safetensors", "--out", tmp_path / "s")
-    assert_clean_error(result, 1, "method 'past' from kdcli-odd targets plugin API 1.0, this kdcli provides 2.0")
+    assert_clean_error(result, 1, "method 'past' from kdcli-odd targets plugin API 1.0, this kdcli provides 2.1")
 
 
 @pytest.mark.parametrize(

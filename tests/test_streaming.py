@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
+from kdcli.checkpoint import read_state_label
 from kdcli.data.bundle import ImageSplit
 from kdcli.data.loading import training_epochs
 from kdcli.data.recipes import TrainRecipe
@@ -24,6 +26,7 @@ from kdcli.config import build_config
 from kdcli.engine import Trainer
 from kdcli.jobs.build import resolve_run
 from kdcli.errors import KdcliError
+from test_distributed import worker_of_rank
 
 CPU = torch.device("cpu")
 SIZES = [(40, 30), (64, 80), (100, 50), (33, 33), (120, 90), (48, 64)]
@@ -159,3 +162,34 @@ def test_two_processes_stream_the_views_one_process_streams(tmp_path: Path) -> N
         runs[processes] = safetensors.torch.load_file(out / "last.safetensors")
     for key, value in runs[1].items():
         torch.testing.assert_close(runs[2][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_sigterm_on_one_rank_of_a_streamed_torchrun_resumes_exactly(tmp_path: Path) -> None:
+    """Preemption on the streaming path: one rank hears SIGTERM inside an epoch, every rank saves the same step
+    (with its sampler position), and ``--resume`` reaches the weights of an uninterrupted 2-process run."""
+    photos = write_folder(tmp_path / "photos", per_class=32, corrupt=False)  # 96 files: 24 steps of 2 per rank
+    args = ["teach", "--data", f"imagefolder:{photos}", "--model", "test_vit", "--epochs", "3", "--lr", "0.01", "--batch-size", "4",
+            "--set", "data.in_memory=false", "--set", "data.image_size=32", "--set", "data.workers=1", "--set", "train.deterministic=true",
+            "--set", "data.val_split=0", "-q"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdcli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = subprocess.run([*launcher, *args, "--out", str(tmp_path / "straight")], capture_output=True, text=True, env=env, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    stopping = subprocess.Popen([*launcher, *args, "--out", str(tmp_path / "stopped")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.kill(worker_of_rank(stopping, 1), signal.SIGTERM)  # a preempted node: one rank hears it
+    stderr = stopping.communicate(timeout=240)[1]
+    lines = [line for line in stderr.splitlines() if line.startswith("kdcli: error: ")]
+    assert lines and all("terminated (SIGTERM): saved the exact training state after step" in line for line in lines), stderr[-3000:]
+    label = read_state_label(tmp_path / "stopped" / "resume.safetensors")  # "step S/24 of epoch E": inside an epoch
+    step, steps = (int(part) for part in label.split()[1].split("/"))
+    assert step % 10 == 0 and 0 < step < steps, label
+    resumed = subprocess.run([*launcher, "teach", "--resume", str(tmp_path / "stopped"), "-q"], capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    weights = [safetensors.torch.load_file(tmp_path / run / "last.safetensors") for run in ("straight", "stopped")]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("straight", "stopped")]
+    assert losses[0] == losses[1]

@@ -24,10 +24,12 @@ from kdcli.registry import check_logger_names, get_method
 from kdcli.rundir import RunDir
 from kdcli.runtime import Runtime
 from kdcli.step import Batch
-from kdcli.teacher import FrozenTeacher, Normalization, Renormalization
+from kdcli.teacher import FrozenTeacher, Normalization, Renormalization, Resize
 from kdcli.teacher_cache import CachedTeacher, FullLogits, TopKLogits, cache_key
 
 DEFAULT_MODELS = {"teach": "cifar_resnet20", "distill": "cifar_resnet8"}
+MIXING_KEYS = ("mixup_alpha", "cutmix_alpha", "mix_prob")  # data keys a student does not take from its teacher
+MIXING_OFF = "set data.mixup_alpha=0 and data.cutmix_alpha=0"
 
 
 @dataclass(frozen=True)
@@ -48,14 +50,17 @@ class RunSpec:
 
 
 def new_run_config(job: str, *, file: Path | None, flags: dict[str, Any], overrides: list[str]) -> RunConfig:
-    """A new run's config: defaults < file < flags < ``--set``; with a teacher, its data set is the default data."""
+    """A new run's config: defaults < file < flags < ``--set``; with a teacher, its data set is the default data.
+
+    The teacher's Mixup/CutMix is not passed on: mixing needs a method that takes class probabilities, so each run chooses it.
+    """
     config = build_config(defaults={"job": job}, file=file, flags=flags, overrides=overrides)
     if config.job != job:  # a config file or --set may not turn one command into the other
         raise UsageError(f"kdcli {job} runs job={job}; drop job={config.job} (or run kdcli {config.job})")
     if config.teacher is None or is_timm_teacher(config.teacher):  # a timm teacher names no data set
         return config
     teacher_data = checkpoint_data_config(read_checkpoint_info(config.teacher), config.teacher, root=None, download=False)
-    data = {key: value for key, value in teacher_data.model_dump(mode="json").items() if key not in DATA_LOCATION_KEYS}
+    data = teacher_data.model_dump(mode="json", exclude={*DATA_LOCATION_KEYS, *MIXING_KEYS})
     return build_config(defaults={"job": job, "data": data}, file=file, flags=flags, overrides=overrides)
 
 
@@ -92,6 +97,7 @@ def resolve_run(config: RunConfig) -> RunSpec:
             "--cache-teacher keeps its tables beside the teacher's checkpoint file, and a timm:NAME teacher has none: "
             "drop --cache-teacher"
         )
+    _check_mixing(config, name, method_cls)
     check_logger_names(config.log.to)
     try:
         params = method_cls.Params.model_validate(config.method.params)
@@ -108,6 +114,21 @@ def resolve_run(config: RunConfig) -> RunSpec:
         }
     )
     return RunSpec(resolved, method_cls, params)
+
+
+def _check_mixing(config: RunConfig, name: str, method_cls: type[Method]) -> None:
+    """Mixed batches carry class probabilities as targets, and their views depend on the batch: refuse what cannot take them."""
+    if not config.data.mixing:
+        return
+    if not method_cls.accepts_soft_targets:
+        raise UsageError(
+            f"method {name!r} needs class labels as targets, and Mixup/CutMix make them class probabilities: {MIXING_OFF}"
+        )
+    if config.train.cache_teacher:
+        raise UsageError(
+            "--cache-teacher replays each sample's view, and a Mixup/CutMix view depends on its batch: "
+            f"drop --cache-teacher or {MIXING_OFF}"
+        )
 
 
 def _default_model(config: RunConfig, method_cls: type[Method]) -> str:
@@ -154,15 +175,21 @@ def method_context(config: RunConfig, data: TrainingData, runtime: Runtime, num_
 
 
 def teacher_source(
-    network: nn.Module, config: RunConfig, data: TrainingData, runtime: Runtime, normalization: Normalization | None = None
+    network: nn.Module,
+    config: RunConfig,
+    data: TrainingData,
+    runtime: Runtime,
+    normalization: Normalization | None = None,
+    resize: Resize | None = None,
 ) -> FrozenTeacher:
-    """The frozen teacher on the training device, fed in its own ``normalization`` (None: the data set's);
-    behind a table of its logits with ``train.cache_teacher``."""
+    """The frozen teacher on the training device, fed in its own ``normalization`` (None: the data set's)
+    at its own input size (``resize``; None: the student's); behind a table of its logits with ``train.cache_teacher``."""
     network = runtime.place(network, config.train)
     own = normalization is not None and tuple(map(tuple, normalization)) != (tuple(data.mean), tuple(data.std))
     renormalize = Renormalization((data.mean, data.std), normalization) if own else None
     if not config.train.cache_teacher:
-        return FrozenTeacher(network, renormalize)
+        return FrozenTeacher(network, renormalize, resize)
+    assert resize is None  # resolve_run refuses a cache for timm teachers, the only ones resized
     assert config.teacher is not None  # RunConfig refuses a cache without a teacher
     topk = config.train.cache_teacher_topk
     key = cache_key(config.teacher, data.train, data.augment, seed=config.train.seed, precision=str(runtime.autocast_dtype), topk=topk)
@@ -242,18 +269,20 @@ def build_training(
     *,
     show_progress: bool,
     teacher_normalization: Normalization | None = None,
+    teacher_resize: Resize | None = None,
     record_hooks: Sequence[Callable[[dict[str, Any]], None]] = (),
 ) -> TrainingParts:
     """Student, teacher source, method and trainer; the student draws its initialization from the run's seed.
 
-    ``teacher_normalization``: the (mean, std) the teacher was trained with (None: the data set's).
+    ``teacher_normalization``: the (mean, std) the teacher was trained with (None: the data set's);
+    ``teacher_resize``: what brings the student's inputs to the teacher's input size (None: none needed).
     """
     config = spec.config
     torch.manual_seed(config.train.seed)
     student = runtime.place(new_model(spec.model_name, num_classes=bundle.num_classes, input_size=bundle.input_size), config.train)
     data = training_data(bundle, config.data)
     check_batches(student, spec.model_name, data, config.train, runtime)
-    source = None if teacher is None else teacher_source(teacher, config, data, runtime, teacher_normalization)
+    source = None if teacher is None else teacher_source(teacher, config, data, runtime, teacher_normalization, teacher_resize)
     method = spec.method(spec.params, student=student, teacher=source, context=method_context(config, data, runtime, bundle.num_classes))
     observers: dict[str, EpochObserver] = {"teacher_cache": source} if isinstance(source, CachedTeacher) else {}
     trainer = Trainer(

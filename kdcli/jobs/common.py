@@ -14,11 +14,13 @@ from kdcli.checkpoint import CheckpointInfo, load_checkpoint, tensors_mismatch
 from kdcli.config import DataConfig, format_validation_error
 from kdcli.data.augment import BatchAugment
 from kdcli.data.bundle import DataBundle, DataRequest, ImageSplit, split_train_val
+from kdcli.data.mixing import BatchMixing
 from kdcli.data.vision import DataSetMissing
 from kdcli.engine import TrainingData
 from kdcli.errors import KdcliError, UsageError, first_line, one_line, unknown_name
 from kdcli.models import create_model
 from kdcli.registry import get_dataset_builder, load_model_plugins, model_plugin_failures
+from kdcli.teacher import Resize
 
 TIMM_PREFIX = "timm:"
 
@@ -48,9 +50,12 @@ def load_data(config: DataConfig) -> DataBundle:
 
 def training_data(bundle: DataBundle, config: DataConfig) -> TrainingData:
     train, val = split_train_val(bundle.train, config.val_split, config.split_seed)
+    mixing = batch_mixing(config, bundle.num_classes)
     if bundle.recipe is not None:
         recipe = bundle.recipe if config.hflip is None else replace(bundle.recipe, hflip=config.hflip)
-        return TrainingData(train=train, val=val, augment=recipe, mean=bundle.mean, std=bundle.std, input_size=bundle.input_size)
+        return TrainingData(
+            train=train, val=val, augment=recipe, mean=bundle.mean, std=bundle.std, input_size=bundle.input_size, mixing=mixing
+        )
     augment = BatchAugment(
         bundle.mean,
         bundle.std,
@@ -58,7 +63,16 @@ def training_data(bundle: DataBundle, config: DataConfig) -> TrainingData:
         hflip=bundle.hflip if config.hflip is None else config.hflip,
         rotation=config.rotation,
     )
-    return TrainingData(train=train, val=val, augment=augment, mean=bundle.mean, std=bundle.std, input_size=bundle.input_size)
+    return TrainingData(
+        train=train, val=val, augment=augment, mean=bundle.mean, std=bundle.std, input_size=bundle.input_size, mixing=mixing
+    )
+
+
+def batch_mixing(config: DataConfig, num_classes: int) -> BatchMixing | None:
+    """Mixup/CutMix of the training batches as ``config`` sets them; None when both are off."""
+    if not config.mixing:
+        return None
+    return BatchMixing(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha, mix_prob=config.mix_prob, num_classes=num_classes)
 
 
 def evaluation_split(bundle: DataBundle, config: DataConfig, split: str) -> ImageSplit:
@@ -152,6 +166,14 @@ def pretrained_timm_model(name: str) -> tuple[nn.Module, CheckpointInfo]:
         epoch=0,
     )
     return model, info
+
+
+def pretrained_resize(model: nn.Module, info: CheckpointInfo, input_size: tuple[int, int, int]) -> Resize | None:
+    """What brings inputs of ``input_size`` to the size in a timm teacher's pretrained config; None when they agree."""
+    size = (int(info.input_size[1]), int(info.input_size[2]))
+    if size == tuple(input_size[1:]):
+        return None
+    return Resize(size, str(getattr(model, "pretrained_cfg", {}).get("interpolation", "bilinear")))
 
 
 def model_from_checkpoint(path: Path) -> tuple[nn.Module, CheckpointInfo]:

@@ -15,7 +15,7 @@ from kdcli.config import RunConfig, load_resolved_config
 from kdcli.data.bundle import DataBundle, ImageSplit
 from kdcli.inference import predict
 from kdcli.jobs.build import RunSpec, TrainingParts, build_training, resolve_run
-from kdcli.jobs.common import check_fits, is_timm_teacher, load_data, load_teacher, require_model, training_data
+from kdcli.jobs.common import check_fits, is_timm_teacher, load_data, load_teacher, pretrained_resize, require_model, training_data
 from kdcli.jobs.teacher_relation import TeacherRelation
 from kdcli.metrics import classification_report, topk_accuracy
 from kdcli.errors import UsageError
@@ -23,7 +23,7 @@ from kdcli.loggers import LoggerHub, LoggerRun, RunLogger
 from kdcli.registry import get_logger
 from kdcli.rundir import RunDir, RunDirExists, existing_run_dir, plan_run_dir
 from kdcli.runtime import Runtime, runtime_for
-from kdcli.teacher import Normalization
+from kdcli.teacher import Normalization, Resize
 
 Notify = Callable[[str], None]  # where a job's notes go (the CLI prints them on stderr)
 
@@ -195,6 +195,7 @@ def train(
             normalization = None if teacher_info is None else (teacher_info.mean, teacher_info.std)
             parts = build_training(
                 spec, bundle, teacher, runtime, run_dir, show_progress=show_progress, teacher_normalization=normalization,
+                teacher_resize=_teacher_resize(config, teacher, teacher_info, bundle),
                 record_hooks=(lambda record: hub.log_epoch(record) if hub is not None else None,),
             )
             if resume:
@@ -217,6 +218,13 @@ def train(
             if hub is not None:
                 hub.finish(None if summary is None else summary.as_dict())
                 hub.close()
+
+
+def _teacher_resize(config: RunConfig, teacher: nn.Module | None, info: CheckpointInfo | None, bundle: DataBundle) -> Resize | None:
+    """A timm teacher sees its pretrained input size (``train.teacher_resize=auto``); a kdcli checkpoint has the data set's."""
+    if teacher is None or info is None or config.teacher is None or not is_timm_teacher(config.teacher):
+        return None
+    return None if config.train.teacher_resize == "off" else pretrained_resize(teacher, info, bundle.input_size)
 
 
 def _checked_teacher(
@@ -268,18 +276,22 @@ def _new_run_dir(out: Path, config: RunConfig, *, overwrite: bool) -> RunDir:
 
 
 def check_teacher(teacher: nn.Module, info: CheckpointInfo, parts: TrainingParts, bundle: DataBundle, runtime: Runtime) -> TeacherCheck:
-    """Clean top-1 on the run's validation split (the test split when there is none), in the teacher's normalization."""
+    """Clean top-1 on the run's validation split (the test split when there is none), as the teacher sees inputs in training."""
     config = parts.trainer.config
     split, samples = ("val", parts.data.val) if parts.data.val is not None else ("test", bundle.test)
-    logits = _logits(teacher, samples, (info.mean, info.std), runtime, config.train.eval_batch_size)
+    resize = None if parts.teacher is None else parts.teacher.resize
+    logits = _logits(teacher, samples, (info.mean, info.std), runtime, config.train.eval_batch_size, resize)
     chance = 1.0 / bundle.num_classes
     min_top1 = config.teacher_min_top1 if config.teacher_min_top1 is not None else (1.0 + chance) / 2
     return TeacherCheck(arch=info.arch, split=split, top1=topk_accuracy(logits, samples.targets, 1), min_top1=min_top1)
 
 
-def _logits(model: nn.Module, samples: ImageSplit, normalization: Normalization, runtime: Runtime, batch_size: int) -> Any:
+def _logits(
+    model: nn.Module, samples: ImageSplit, normalization: Normalization, runtime: Runtime, batch_size: int, resize: Resize | None = None
+) -> Any:
     mean, std = normalization
-    return predict(model, samples, mean=mean, std=std, device=runtime.device, batch_size=batch_size)
+    transform = None if resize is None else lambda inputs, index: resize(inputs)
+    return predict(model, samples, mean=mean, std=std, device=runtime.device, batch_size=batch_size, transform=transform)
 
 
 def _summarize(
@@ -302,7 +314,8 @@ def _summarize(
     if parts.teacher is not None and teacher_info is not None:
         teacher = parts.teacher.network
         own = (teacher_info.mean, teacher_info.std)
-        teacher_test = classification_report(_logits(teacher, bundle.test, own, runtime, batch_size), bundle.test.targets)
+        teacher_logits = _logits(teacher, bundle.test, own, runtime, batch_size, parts.teacher.resize)
+        teacher_test = classification_report(teacher_logits, bundle.test.targets)
         relation = TeacherRelation.of(teacher, teacher_info, trainer.student, spec.model_name, teacher_test["top1"], test["top1"])
     return TrainingSummary(
         run_dir=run_dir.root,
