@@ -164,32 +164,70 @@ def test_two_processes_stream_the_views_one_process_streams(tmp_path: Path) -> N
         torch.testing.assert_close(runs[2][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_sigterm_on_one_rank_of_a_streamed_torchrun_resumes_exactly(tmp_path: Path) -> None:
-    """Preemption on the streaming path: one rank hears SIGTERM inside an epoch, every rank saves the same step
-    (with its sampler position), and ``--resume`` reaches the weights of an uninterrupted 2-process run."""
-    photos = write_folder(tmp_path / "photos", per_class=32, corrupt=False)  # 96 files: 24 steps of 2 per rank
-    args = ["teach", "--data", f"imagefolder:{photos}", "--model", "test_vit", "--epochs", "3", "--lr", "0.01", "--batch-size", "4",
+STREAMED_TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdcli"]
+
+
+def streamed_teach_args(photos: Path) -> list[str]:
+    """96 files over 2 ranks in batches of 4: 24 steps an epoch."""
+    return ["teach", "--data", f"imagefolder:{photos}", "--model", "test_vit", "--epochs", "3", "--lr", "0.01", "--batch-size", "4",
             "--set", "data.in_memory=false", "--set", "data.image_size=32", "--set", "data.workers=1", "--set", "train.deterministic=true",
             "--set", "data.val_split=0", "-q"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "kdcli"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = subprocess.run([*launcher, *args, "--out", str(tmp_path / "straight")], capture_output=True, text=True, env=env, timeout=300)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    stopping = subprocess.Popen([*launcher, *args, "--out", str(tmp_path / "stopped")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "stopped" / "metrics.jsonl"
+
+
+def stop_one_rank_when(run: Path, epochs_done: int, signum: int, args: list[str], env: dict[str, str]) -> str:
+    """Start a 2-process streamed run, send ``signum`` to rank 1 once ``epochs_done`` epochs are logged; its stderr."""
+    stopping = subprocess.Popen([*STREAMED_TORCHRUN, *args, "--out", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 240
-    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    os.kill(worker_of_rank(stopping, 1), signal.SIGTERM)  # a preempted node: one rank hears it
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= epochs_done) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(worker_of_rank(stopping, 1), signum)  # a preempted (SIGTERM) or crashed (SIGKILL) node: one rank
     stderr = stopping.communicate(timeout=240)[1]
-    lines = [line for line in stderr.splitlines() if line.startswith("kdcli: error: ")]
-    assert lines and all("terminated (SIGTERM): saved the exact training state after step" in line for line in lines), stderr[-3000:]
-    label = read_state_label(tmp_path / "stopped" / "resume.safetensors")  # "step S/24 of epoch E": inside an epoch
-    step, steps = (int(part) for part in label.split()[1].split("/"))
-    assert step % 10 == 0 and 0 < step < steps, label
-    resumed = subprocess.run([*launcher, "teach", "--resume", str(tmp_path / "stopped"), "-q"], capture_output=True, text=True, env=env, timeout=300)
+    assert stopping.returncode != 0, stderr[-3000:]
+    return stderr
+
+
+def resume_and_compare(tmp_path: Path, env: dict[str, str]) -> None:
+    """``--resume`` the stopped run; it must end with the uninterrupted run's weights and per-epoch losses."""
+    resumed = subprocess.run([*STREAMED_TORCHRUN, "teach", "--resume", str(tmp_path / "stopped"), "-q"], capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     weights = [safetensors.torch.load_file(tmp_path / run / "last.safetensors") for run in ("straight", "stopped")]
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("straight", "stopped")]
     assert losses[0] == losses[1]
+
+
+@pytest.fixture
+def streamed_straight_run(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """The uninterrupted 2-process streamed run under tmp_path/straight; the arguments and environment it ran with."""
+    args = streamed_teach_args(write_folder(tmp_path / "photos", per_class=32, corrupt=False))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = subprocess.run([*STREAMED_TORCHRUN, *args, "--out", str(tmp_path / "straight")], capture_output=True, text=True, env=env, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    return args, env
+
+
+def test_sigterm_on_one_rank_of_a_streamed_torchrun_resumes_exactly(streamed_straight_run: tuple[list[str], dict[str, str]], tmp_path: Path) -> None:
+    """Preemption on the streaming path: one rank hears SIGTERM inside an epoch, every rank saves the same step
+    (with its sampler position), and ``--resume`` reaches the weights of an uninterrupted 2-process run."""
+    args, env = streamed_straight_run
+    stderr = stop_one_rank_when(tmp_path / "stopped", 1, signal.SIGTERM, args, env)
+    lines = [line for line in stderr.splitlines() if line.startswith("kdcli: error: ")]
+    assert lines and all("terminated (SIGTERM): saved the exact training state after step" in line for line in lines), stderr[-3000:]
+    label = read_state_label(tmp_path / "stopped" / "resume.safetensors")  # "step S/24 of epoch E": inside an epoch
+    step, steps = (int(part) for part in label.split()[1].split("/"))
+    assert step % 10 == 0 and 0 < step < steps, label
+    resume_and_compare(tmp_path, env)
+
+
+def test_kill_9_of_one_rank_of_a_streamed_torchrun_resumes_from_the_last_saved_state(
+    streamed_straight_run: tuple[list[str], dict[str, str]], tmp_path: Path
+) -> None:
+    """A crashed node (SIGKILL, nothing saved on the way out) in the middle of epoch 2: the other rank goes down
+    with it, the epoch-1 state is whole, and ``--resume`` reaches the uninterrupted run's weights."""
+    args, env = streamed_straight_run
+    stop_one_rank_when(tmp_path / "stopped", 1, signal.SIGKILL, args, env)
+    label = read_state_label(tmp_path / "stopped" / "resume.safetensors")
+    assert "epoch 1" in label or "epoch 2" in label, label  # the last saved state: epoch 1's end, or epoch 2's if it was reached
+    assert not list((tmp_path / "stopped").rglob("*.tmp"))
+    resume_and_compare(tmp_path, env)
