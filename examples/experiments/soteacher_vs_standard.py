@@ -31,7 +31,6 @@ from kdcli.jobs.evaluate import evaluate_checkpoint
 BASE_VARIANTS: dict[str, dict[str, Any]] = {
     "standard": {"name": "standard"},
     "soteacher λ_LR 1e-5 (paper)": {"name": "soteacher"},
-    "soteacher λ_LR 3e-4": {"name": "soteacher", "lipschitz_weight": 3e-4},
     "soteacher λ_LR 1e-3": {"name": "soteacher", "lipschitz_weight": 1e-3},
     "soteacher λ_LR 3e-3": {"name": "soteacher", "lipschitz_weight": 3e-3},
 }
