@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from typer.testing import CliRunner
 
@@ -33,6 +36,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def run_cli(*args: str) -> "CliResult":
     result = CliRunner().invoke(app, [str(arg) for arg in args], catch_exceptions=False)
     return CliResult(result.exit_code, result.stdout, result.stderr)
+
+
+def interrupted_and_resumed(
+    args: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, interrupt_at: int, label: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``teach args`` straight into tmp_path/straight, and into tmp_path/resumed with Ctrl-C at training step call
+    ``interrupt_at`` (its stop line naming ``label``) then ``--resume``: the two runs' last weights."""
+    from kdcli.engine import Trainer
+
+    assert run_cli("teach", *args, "--out", tmp_path / "straight").exit_code == 0
+    original, calls = Trainer.train_step, []
+
+    def interrupted_step(self: Trainer, batch: object) -> object:
+        calls.append(1)
+        if len(calls) == interrupt_at:  # the loop saves the exact state before its next step
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", interrupted_step)
+        stopped = run_cli("teach", *args, "--out", tmp_path / "resumed")
+    assert stopped.exit_code == 130 and label in stopped.stderr, stopped
+    assert run_cli("teach", "--resume", tmp_path / "resumed", "-q").exit_code == 0
+    straight, resumed = (safetensors.torch.load_file(tmp_path / run / "last.safetensors") for run in ("straight", "resumed"))
+    return straight, resumed
 
 
 class CliResult:

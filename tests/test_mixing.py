@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 
-from conftest import run_cli
+from conftest import interrupted_and_resumed, run_cli
 from kdcli.data.mixing import BatchMixing
-from kdcli.engine import Trainer
 from test_streaming import write_folder
 
 TINY_MIX = ["--set", "data.synthetic.num_train=300", "--set", "data.synthetic.num_test=100", "--batch-size", "50", "-q"]
@@ -87,21 +83,7 @@ def test_mixing_on_the_streaming_path(tmp_path: Path) -> None:
 
 def test_a_mixed_run_resumes_inside_an_epoch_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     args = ["--epochs", 2, "--set", "train.deterministic=true", *TINY_MIX, *MIXUP, *CUTMIX, "--set", "data.mix_prob=0.7"]
-    assert run_cli("teach", *args, "--out", tmp_path / "straight").exit_code == 0
-    original, calls = Trainer.train_step, []
-
-    def interrupted_step(self: Trainer, batch: object) -> object:
-        calls.append(1)
-        if len(calls) == 8:  # epoch 2 (6 steps each), step 2: the loop saves the exact state before its next step
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, batch)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "train_step", interrupted_step)
-        stopped = run_cli("teach", *args, "--out", tmp_path / "resumed")
-    assert stopped.exit_code == 130 and "step 2/6 of epoch 2" in stopped.stderr, stopped
-    assert run_cli("teach", "--resume", tmp_path / "resumed", "-q").exit_code == 0
-    straight, resumed = (safetensors.torch.load_file(tmp_path / run / "last.safetensors") for run in ("straight", "resumed"))
+    straight, resumed = interrupted_and_resumed(args, tmp_path, monkeypatch, interrupt_at=8, label="step 2/6 of epoch 2")
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
 
 

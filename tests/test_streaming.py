@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import interrupted_and_resumed, run_cli
 from kdcli.checkpoint import read_state_label
 from kdcli.data.bundle import ImageSplit
 from kdcli.data.loading import training_epochs
@@ -23,7 +23,6 @@ from kdcli.data.recipes import TrainRecipe
 from kdcli.data.stream import FileSplit, StreamingLoader
 from kdcli.data.vision import IMAGENET_MEAN, IMAGENET_STD, load_imagefolder
 from kdcli.config import build_config
-from kdcli.engine import Trainer
 from kdcli.jobs.build import resolve_run
 from kdcli.errors import KdcliError
 from test_distributed import worker_of_rank
@@ -107,21 +106,7 @@ def streamed(folder: Path, *extra: object) -> list[object]:
 
 def test_teach_streamed_resumes_inside_an_epoch_exactly(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     args = streamed(f"imagefolder:{folder}", "--epochs", 2)
-    assert run_cli("teach", *args, "--out", tmp_path / "straight").exit_code == 0
-    original, calls = Trainer.train_step, []
-
-    def interrupted_step(self: Trainer, batch: object) -> object:
-        calls.append(1)
-        if len(calls) == 6:  # epoch 2, step 2 of 4: the loop saves the exact state before its next step
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, batch)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "train_step", interrupted_step)
-        stopped = run_cli("teach", *args, "--out", tmp_path / "resumed")
-    assert stopped.exit_code == 130 and "step 2/4 of epoch 2" in stopped.stderr, stopped
-    assert run_cli("teach", "--resume", tmp_path / "resumed", "-q").exit_code == 0
-    straight, resumed = (safetensors.torch.load_file(tmp_path / run / "last.safetensors") for run in ("straight", "resumed"))
+    straight, resumed = interrupted_and_resumed(args, tmp_path, monkeypatch, interrupt_at=6, label="step 2/4 of epoch 2")
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
     record = json.loads((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["data"] == {"corrupt_skipped": 1}

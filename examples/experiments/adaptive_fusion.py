@@ -44,7 +44,7 @@ ARMS: dict[str, list[str]] = {
     "learned, meta lr 1e-4": ["method.ratio=learned", "method.meta_lr=1e-4"],
     "learned, meta every 4": ["method.ratio=learned", "method.meta_every=4"],
 }
-DEFAULT_ARMS = ("fixed 0.9", "learned (default)", "learned, clean meta set", "learned, init α 0.5", "learned, meta lr 1e-2")
+DEFAULT_ARMS = ("fixed 0.9", "learned (default)", "learned, clean meta set", "learned, init α 0.5", "learned, meta lr 1e-2", "learned, meta every 4")
 
 
 def parse_arguments() -> argparse.Namespace:

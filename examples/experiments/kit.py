@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -60,7 +61,7 @@ def bar_chart(path: Path, groups: Mapping[str, Mapping[str, Sequence[float]]], *
 
     bars = list(dict.fromkeys(bar for values in groups.values() for bar in values))
     width = 0.8 / len(bars)
-    figure, axes = plt.subplots(figsize=(max(5.0, 1.2 * len(groups) * len(bars) * 0.5 + 2), 3.6))
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.55 * len(groups) * len(bars) + 2.5), 4.2))
     for offset, bar in enumerate(bars):
         positions, means, spreads = [], [], []
         for position, values in enumerate(groups.values()):
@@ -71,12 +72,12 @@ def bar_chart(path: Path, groups: Mapping[str, Mapping[str, Sequence[float]]], *
                 spreads.append(statistics.stdev(seeds) if len(seeds) > 1 else 0.0)
         axes.bar(positions, means, width, yerr=spreads, capsize=3, label=bar)
     axes.set_xticks(range(len(groups)), list(groups))
-    low = min(statistics.mean(v) for values in groups.values() for v in values.values())
-    high = max(statistics.mean(v) for values in groups.values() for v in values.values())
+    spans = [(statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for values in groups.values() for v in map(list, values.values())]
+    low, high = min(mean - std for mean, std in spans), max(mean + std for mean, std in spans)
     axes.set_ylim(max(0.0, low - 0.1 * (high - low + 0.05)), high + 0.15 * (high - low + 0.05))
     axes.set_ylabel(ylabel)
-    axes.set_title(title, fontsize=10)
-    axes.legend(fontsize=7, ncols=2)
+    axes.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)
+    axes.legend(fontsize=7, ncols=min(3, len(bars)), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

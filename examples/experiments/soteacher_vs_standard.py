@@ -6,7 +6,8 @@ distribution p* better on its training inputs and so teaches a better student,
 even when its own test accuracy is not higher. The synthetic data set knows
 p*, so all three quantities are measured here:
 
-* teacher test top-1 (and training top-1: has it memorized the noisy labels?),
+* teacher test top-1 (and training top-1: has it memorized the noisy labels?); the
+  standard teacher also as its best validation epoch, the usual way to pick a teacher,
 * teacher distance to p* on the training inputs (total variation),
 * student test top-1 after Hinton KD from that teacher (the same recipe for all).
 
@@ -30,10 +31,12 @@ from kdcli.jobs.evaluate import evaluate_checkpoint
 
 BASE_VARIANTS: dict[str, dict[str, Any]] = {
     "standard": {"name": "standard"},
+    "standard, best val epoch": {"name": "standard"},
     "soteacher λ_LR 1e-5 (paper)": {"name": "soteacher"},
     "soteacher λ_LR 1e-3": {"name": "soteacher", "lipschitz_weight": 1e-3},
     "soteacher λ_LR 3e-3": {"name": "soteacher", "lipschitz_weight": 3e-3},
 }
+EARLY_STOPPED = {"standard, best val epoch"}  # the teacher is its best validation epoch, not its last
 STUDENT_METHOD = {"name": "kd", "temperature": 4.0, "ce_weight": 0.5, "kd_weight": 0.5}  # SoTeacher's student script
 COLUMNS = {
     "teacher_top1": "teacher test top-1", "teacher_train_top1": "teacher train top-1",
@@ -68,11 +71,12 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def measure(variant: str, method: dict[str, Any], seed: int, args: argparse.Namespace) -> dict[str, float]:
-    root = args.out / f"teacher{args.teacher_epochs}ep" / variant.replace(" ", "_").replace("(", "").replace(")", "") / f"seed{seed}"
+    root = args.out / f"teacher{args.teacher_epochs}ep" / variant.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") / f"seed{seed}"
     common = {"data": {"synthetic": {"num_train": args.num_train}}, "train": {"seed": seed, "save_every": 10_000}}
     teacher_tree = common | {"job": "teach", "method": method, "model": {"name": args.teacher_model}}
-    run(root / "teacher", teacher_tree, [f"train.epochs={args.teacher_epochs}"])
-    teacher = root / "teacher" / "last.safetensors"
+    early_stopped = variant in EARLY_STOPPED
+    run(root / "teacher", teacher_tree, [f"train.epochs={args.teacher_epochs}", f"train.keep_best={str(early_stopped).lower()}"])
+    teacher = root / "teacher" / ("best.safetensors" if early_stopped else "last.safetensors")
     student_tree = common | {"job": "distill", "method": STUDENT_METHOD, "model": {"name": args.student_model}, "teacher": str(teacher)}
     student = run(root / "student", student_tree, [f"train.epochs={args.student_epochs}"])
     teacher_test = evaluate_checkpoint(teacher)["metrics"]
