@@ -199,9 +199,11 @@ def test_sigterm_on_one_rank_of_a_streamed_torchrun_resumes_exactly(streamed_str
     stderr = stop_one_rank_when(tmp_path / "stopped", 1, signal.SIGTERM, args, env)
     lines = [line for line in stderr.splitlines() if line.startswith("kdcli: error: ")]
     assert lines and all("terminated (SIGTERM): saved the exact training state after step" in line for line in lines), stderr[-3000:]
-    label = read_state_label(tmp_path / "stopped" / "resume.safetensors")  # "step S/24 of epoch E": inside an epoch
+    label = read_state_label(tmp_path / "stopped" / "resume.safetensors")  # "step S/24 of epoch E"
     step, steps = (int(part) for part in label.split()[1].split("/"))
-    assert step % 10 == 0 and 0 < step < steps, label
+    # Ranks agree every 10 steps, and an epoch here takes a fraction of a second: the signal, sent as epoch 1 is
+    # logged, may be agreed on at epoch 2's step 0 (its first agreement) as well as later; every one is an exact state.
+    assert step % 10 == 0 and step < steps, label
     resume_and_compare(tmp_path, env)
 
 
