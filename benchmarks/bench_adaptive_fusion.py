@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import report
+from benchmarks.common import report, scaled
 from kdcli.method import Batch, FrozenTeacher, Method, MethodContext
 from kdcli.models import create_model
 from kdcli.registry import get_method, load_model_plugins
 
-BATCH, CLASSES, INPUT = 64, 100, (3, 32, 32)
+BATCH, CLASSES, INPUT = scaled(64, 8), scaled(100, 10), (3, 32, 32)
+ROUNDS = scaled(9, 1)
 
 
 def _batch(seed: int) -> Batch:
@@ -83,5 +84,5 @@ def main() -> None:
         "meta_every=1 first_order": ({"meta_every": 1, "first_order": True}, ""),
     }
     for label, (params, target) in variants.items():
-        kd, fusion = _paired_seconds(_training_steps("kd", {}, steps), _training_steps("adaptive-fusion", params, steps), rounds=9)
+        kd, fusion = _paired_seconds(_training_steps("kd", {}, steps), _training_steps("adaptive-fusion", params, steps), rounds=ROUNDS)
         report(f"adaptive-fusion step, {label}", "kd", kd / steps, "adaptive-fusion", fusion / steps, target=target)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import report
+from benchmarks.common import report, scaled
 from benchmarks.harness import Workload, build_trainer
 from kdcli.checkpoint import CheckpointInfo, save_checkpoint
 from kdcli.config import RunConfig
@@ -27,8 +27,8 @@ from kdcli.jobs.common import load_data
 from kdcli.models import create_model
 from kdcli.registry import load_model_plugins
 
-WORKLOAD = Workload()
-EPOCHS = 4
+WORKLOAD = scaled(Workload(), Workload(batch_size=8, steps=2))
+EPOCHS = scaled(4, 2)
 
 
 def write_teacher(path: Path) -> None:

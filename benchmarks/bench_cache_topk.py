@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.common import scaled
+
 from kdcli.losses import distillation_kl
 from kdcli.teacher_cache import FullLogits, TopKLogits, table_bytes
 
-CLASSES, SAMPLES = 1000, 4096
+CLASSES, SAMPLES = 1000, scaled(4096, 32)
 
 
 def imagenet_like_logits(generator: torch.Generator) -> torch.Tensor:

@@ -21,14 +21,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from benchmarks.common import report
+from benchmarks.common import report, scaled
 from kdcli.data.augment import BatchAugment, EpochAugmentation
 from kdcli.data.bundle import ImageSplit
 from kdcli.data.loader import BatchLoader
 
-NUM_IMAGES = 10_000
+NUM_IMAGES = scaled(10_000, 128)
 BATCH_SIZE = 64
-REPEATS = 3
+REPEATS = scaled(3, 1)
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 

@@ -16,15 +16,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import report
+from benchmarks.common import report, scaled
 from benchmarks.harness import Workload, trainer_throughput
 from kdcli.data.augment import BatchAugment
 from kdcli.jobs.common import load_data
 from kdcli.models import create_model
 from kdcli.registry import load_model_plugins
 
-WORKLOAD = Workload()
-REPEATS = 2
+WORKLOAD = scaled(Workload(), Workload(batch_size=8, steps=2))
+REPEATS = scaled(2, 1)
 
 
 def bare_loop_throughput(workload: Workload) -> float:

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import report
+from benchmarks.common import report, scaled
 from benchmarks.harness import Workload, build_trainer
 from kdcli.engine import Trainer
 from kdcli.method import Batch, Method
 from kdcli.registry import method_plugins
 
-WORKLOAD = Workload()
-ROUNDS = 3
-STEPS_PER_ROUND = 5
+WORKLOAD = scaled(Workload(), Workload(batch_size=8, steps=2))
+ROUNDS = scaled(3, 1)
+STEPS_PER_ROUND = scaled(5, 1)
 BASELINES = {"distill": "kd", "teach": "standard"}
 
 
@@ -45,8 +45,7 @@ def fixed_batch(trainer: Trainer) -> Batch:
 
 def ready_trainer(method: str, job: str, scratch: Path) -> Trainer:
     trainer = build_trainer(WORKLOAD.config(method, job), WORKLOAD, scratch / f"{job}-{method}")
-    trainer.student.train()
-    trainer.extra_modules.train()
+    trainer.task.train()  # the student and the method's trainable modules
     trainer.method.on_epoch_start(1)
     return trainer
 

@@ -11,19 +11,19 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import report, seconds_per_call
+from benchmarks.common import report, scaled, seconds_per_call
 from kdcli.method import Batch, Method, MethodContext
 from kdcli.models import create_model
 from kdcli.registry import load_model_plugins
 from kdcli_plugins.soteacher import SoTeacher, SoTeacherParams
 from kdcli_plugins.standard import Standard, StandardParams
 
-NUM_TRAIN = 10_000
+NUM_TRAIN = scaled(10_000, 256)
 NUM_CLASSES = 10
 BATCH_SIZE = 64
 WARMUP = 3
-REPEATS = 30
-MODELS = ("cifar_resnet20", "cifar_wrn_40_2")
+REPEATS = scaled(30, 2)
+MODELS = scaled(("cifar_resnet20", "cifar_wrn_40_2"), ("cifar_resnet8",))
 
 
 def step_function(method: Method, batch: Batch) -> Callable[[], None]:

@@ -14,7 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-RUNS = 5
+from benchmarks.common import scaled
+
+RUNS = scaled(5, 1)
 GOAL_SECONDS, GOAL_MB = 0.3, 100.0
 
 

@@ -21,11 +21,11 @@ import timm.data
 import torch
 from PIL import Image
 
-from benchmarks.common import report
+from benchmarks.common import report, scaled
 from kdcli.data.loading import training_epochs
 from kdcli.data.vision import IMAGENET_MEAN, IMAGENET_STD, load_imagefolder
 
-IMAGES, WORKERS, BATCH, SIZE, ROUNDS = 384, 2, 64, 224, 3
+IMAGES, WORKERS, BATCH, SIZE, ROUNDS = scaled(384, 32), 2, scaled(64, 8), scaled(224, 32), scaled(3, 1)
 
 
 def write_folder(root: Path, images: int) -> Path:

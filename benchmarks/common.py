@@ -8,8 +8,23 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
+# Set by ``python -m benchmarks --smoke`` before any benchmark is imported: module constants read it.
+SMOKE_ENV = "KDCLI_BENCH_SMOKE"
+
+
+def smoke() -> bool:
+    """Whether this is a smoke run: every benchmark at a tiny size, to prove it runs end to end (numbers mean nothing)."""
+    return os.environ.get(SMOKE_ENV) == "1"
+
+
+def scaled(full: T, tiny: T) -> T:
+    """``full`` in a real benchmark run, ``tiny`` in a smoke run."""
+    return tiny if smoke() else full
 
 
 def machine() -> str:

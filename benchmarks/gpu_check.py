@@ -17,6 +17,7 @@ the script end to end on a machine without a GPU.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -32,11 +33,12 @@ from typing import Any
 
 import torch
 
+from benchmarks import gpu_methods
 from benchmarks.common import gpu_utilization, machine, synchronize
-from benchmarks.harness import Workload, build_trainer
+from benchmarks.harness import UNTRAINED_TEACHER, Workload, build_trainer
 from benchmarks.repdistiller_loop import repdistiller_throughput
 from kdcli.config import RunConfig
-from kdcli.data.augment import EpochAugmentation
+from kdcli.data.loading import EpochBatches
 from kdcli.data.bundle import DataBundle
 from kdcli.engine import Trainer
 from kdcli.jobs.common import load_data
@@ -68,12 +70,15 @@ class Settings:
     budget_s: float = 400.0  # no new measurement starts after this: the last (a compile) ends inside 8 minutes
     test_timeout_s: float = 270.0
     variants: tuple[str, ...] = tuple(VARIANTS)
+    method_variant: str | None = "bf16+channels_last+compile"  # every method's step and compile counters; None: skipped
+    method_batch_size: int = 256
+    method_steps: int = 20  # per epoch, plus a smaller last batch
 
 
 # A CPU compiles resnet32x4 -> resnet8x4 for minutes: the dry run takes the zoo's smaller pair.
 SMOKE = {
     "num_train": 512, "batch_sizes": (16, 32), "images": 64, "warmup_steps": 1, "workers": 2, "test_timeout_s": 300.0,
-    "teacher": "cifar_resnet8x4", "student": "cifar_resnet8", "budget_s": 1500.0,
+    "teacher": "cifar_resnet8x4", "student": "cifar_resnet8", "budget_s": 1500.0, "method_batch_size": 16, "method_steps": 2,
 }
 
 
@@ -131,29 +136,26 @@ def run_config(settings: Settings, batch_size: int, variant: str) -> RunConfig:
         "job": "distill",
         "method": {"name": "kd"},
         "model": {"name": settings.student},
-        "teacher": "untrained-teacher.safetensors",  # build_trainer makes an untrained teacher; only the path is checked
+        "teacher": UNTRAINED_TEACHER,  # build_trainer writes an untrained teacher there and points the run at it
         "data": {"val_split": 0.0, "crop_padding": 4, "hflip": True, "synthetic": synthetic},
         "train": {"batch_size": batch_size, "epochs": 2, "device": settings.device, **VARIANTS.get(variant, {})},
     })
 
 
 class FirstSteps:
-    """A loader cut to its first ``steps`` batches: an epoch of the benchmark's length for the real ``Trainer``."""
+    """Epochs cut to their first ``steps`` batches: an epoch of the benchmark's length for the real ``Trainer``."""
 
-    def __init__(self, loader: Any, steps: int) -> None:
-        self.loader, self.steps = loader, steps
+    def __init__(self, epochs: EpochBatches, steps: int) -> None:
+        self.epochs, self.steps = epochs, steps
 
     def __len__(self) -> int:
-        return min(self.steps, len(self.loader))
+        return min(self.steps, len(self.epochs))
 
-    def __iter__(self) -> Iterator[Any]:
-        for step, batch in enumerate(self.loader):
-            if step == len(self):
-                return
-            yield batch
+    def batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return itertools.islice(self.epochs.batches(epoch, start), max(0, len(self) - start))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
+    def epoch_stats(self) -> dict[str, int]:
+        return self.epochs.epoch_stats()
 
 
 def mean(values: list[float]) -> float | None:
@@ -165,10 +167,7 @@ def data_seconds(trainer: Trainer, epoch: int) -> float:
     device = trainer.runtime.device
     synchronize(device)
     started = time.perf_counter()
-    trainer.train_loader.set_epoch(epoch)
-    augmentation = EpochAugmentation(trainer.data.augment, len(trainer.data.train), epoch, device)
-    for images, _, index in trainer.train_loader:
-        inputs = augmentation(images, index)
+    for inputs, _, _ in trainer.train_loader.batches(epoch, 0):
         if trainer.config.train.channels_last:
             inputs.contiguous(memory_format=torch.channels_last)
     synchronize(device)
@@ -184,7 +183,7 @@ def kdcli_throughput(settings: Settings, bundle: DataBundle, batch_size: int, va
         started = time.perf_counter()
         trainer.train_epoch(1)
         warmup = time.perf_counter() - started
-        trainer.train_loader = FirstSteps(trainer.train_loader.loader, max(1, settings.images // batch_size))
+        trainer.train_loader = FirstSteps(trainer.train_loader.epochs, max(1, settings.images // batch_size))
         with gpu_utilization(trainer.runtime.device) as samples:
             record = trainer.train_epoch(2)
         data = data_seconds(trainer, 3)
@@ -295,6 +294,7 @@ def parse_settings(argv: list[str]) -> tuple[Settings, Path, bool]:
     parser.add_argument("--images", type=int, help="timed images per measurement (default 20,000)")
     parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--budget-s", type=float, help="start no measurement after this many seconds (default 400)")
+    parser.add_argument("--method-variant", help=f"the variant every method is stepped in, one of {','.join(VARIANTS)}, or none")
     parser.add_argument("--skip-tests", action="store_true", help="only the speed benchmark")
     args = parser.parse_args(argv)
     settings = Settings(device=args.device, **(SMOKE if args.smoke else {}))
@@ -302,7 +302,9 @@ def parse_settings(argv: list[str]) -> tuple[Settings, Path, bool]:
              "batch_sizes": args.batch_sizes and tuple(int(size) for size in args.batch_sizes.split(",")),
              "variants": args.variants and tuple(args.variants.split(","))}
     settings = replace(settings, **{key: value for key, value in given.items() if value})
-    unknown = set(settings.variants) - set(VARIANTS)
+    if args.method_variant:
+        settings = replace(settings, method_variant=None if args.method_variant == "none" else args.method_variant)
+    unknown = (set(settings.variants) | {settings.method_variant or "fp32"}) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     return settings, args.out, args.skip_tests
@@ -322,11 +324,27 @@ def main(argv: list[str]) -> int:
     log(f"cuda tests: {report['cuda_tests']}")
     bundle = synthetic_cifar100(settings)
     results = measure(settings, bundle, log, deadline=started + settings.budget_s)
-    report.update(results=[asdict(result) for result in results], goals=goals(results), total_s=round(time.monotonic() - started, 1))
+    report.update(results=[asdict(result) for result in results], goals=goals(results))
+    methods = measure_methods(settings, log)
+    report.update(methods=[asdict(row) for row in methods], total_s=round(time.monotonic() - started, 1))
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    log(f"\n{table(results)}\n\ngoals: {report['goals']}\ntotal {report['total_s']} s; wrote {out / 'gpu_check.json'} and {out / 'gpu_check.log'}")
+    log(f"\n{table(results)}\n\ngoals: {report['goals']}\n\n{gpu_methods.table(methods)}")
+    log(f"\ntotal {report['total_s']} s; wrote {out / 'gpu_check.json'} and {out / 'gpu_check.log'}")
     tests_ok = skip_tests or report["cuda_tests"].get("returncode") == 0
-    return 0 if tests_ok and not any(result.skipped and result.skipped.startswith("failed") for result in results) else 1
+    failures = [item.skipped for item in [*results, *methods] if item.skipped and item.skipped.startswith("failed")]
+    return 0 if tests_ok and not failures else 1
+
+
+def measure_methods(settings: Settings, log: Log) -> list[gpu_methods.MethodRow]:
+    """Every method's step in ``settings.method_variant`` (CIFAR-100's shape), after the speed table."""
+    if settings.method_variant is None:
+        return []
+    log(f"every method, {settings.method_variant}, batch {settings.method_batch_size}:")
+    workload = Workload(
+        teacher=settings.teacher, student=settings.student, batch_size=settings.method_batch_size,
+        steps=settings.method_steps, num_classes=settings.num_classes,
+    )
+    return gpu_methods.measure_methods(workload, {"device": settings.device, **VARIANTS[settings.method_variant]}, log)
 
 
 if __name__ == "__main__":
