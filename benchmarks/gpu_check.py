@@ -50,6 +50,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bf16": {"precision": "bf16"},
     "bf16+channels_last": {"precision": "bf16", "channels_last": True},
     "bf16+channels_last+compile": {"precision": "bf16", "channels_last": True, "compile": True},
+    "bf16+channels_last+cudagraphs": {"precision": "bf16", "channels_last": True, "compile": True, "compile_mode": "reduce-overhead"},
 }
 PACKAGES = ("torch", "torchvision", "timm", "typer", "rich", "safetensors", "pydantic", "pydantic-core", "pyyaml", "numpy", "pillow")
 

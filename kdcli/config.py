@@ -143,6 +143,11 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
     channels_last: bool = False
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default",
+        description="torch.compile's mode with train.compile: reduce-overhead replays each step as CUDA graphs "
+        "(fewer kernel launches: the small CIFAR networks are launch-bound on a GPU).",
+    )
     deterministic: bool = False
     keep_best: bool = Field(False, description="Also keep best.safetensors, the epoch with the highest val top-1.")
     early_stop_patience: PositiveInt | None = Field(

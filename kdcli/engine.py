@@ -234,6 +234,8 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> StepOutput | None:
         """One optimizer step; None when ``train.nonfinite_loss = skip`` dropped it for a non-finite loss."""
+        if self.config.train.compile:
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs (reduce-overhead) may reuse the last step's output memory now
         with self.runtime.autocast():
             output = self.model(batch)
         loss = sum(output.losses.values())

@@ -123,7 +123,7 @@ class Runtime:
             # Static shapes: an epoch's smaller last batch gets a graph of its own.  Left to
             # automatic dynamic shapes it would recompile the step shape-generic, and that graph,
             # tried first from then on, would run every later full batch with slower kernels.
-            module = torch.compile(module, dynamic=False)
+            module = torch.compile(module, dynamic=False, mode=None if train.compile_mode == "default" else train.compile_mode)
         return module
 
     def place(self, module: nn.Module, train: TrainConfig) -> nn.Module:
