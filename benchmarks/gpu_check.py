@@ -35,6 +35,7 @@ import torch
 
 from benchmarks import gpu_methods
 from benchmarks.common import gpu_utilization, machine, synchronize
+from benchmarks.bench_engine import bare_loop_throughput
 from benchmarks.harness import UNTRAINED_TEACHER, Workload, build_trainer
 from benchmarks.repdistiller_loop import repdistiller_throughput
 from kdcli.config import RunConfig
@@ -74,12 +75,15 @@ class Settings:
     method_variant: str | None = "bf16+channels_last+compile"  # every method's step and compile counters; None: skipped
     method_batch_size: int = 256
     method_steps: int = 20  # per epoch, plus a smaller last batch
+    profile_variant: str | None = "bf16+channels_last"  # profile.txt: where a step's host time goes; None: skipped
+    profile_steps: int = 20
 
 
 # A CPU compiles resnet32x4 -> resnet8x4 for minutes: the dry run takes the zoo's smaller pair.
 SMOKE = {
     "num_train": 512, "batch_sizes": (16, 32), "images": 64, "warmup_steps": 1, "workers": 2, "test_timeout_s": 300.0,
     "teacher": "cifar_resnet8x4", "student": "cifar_resnet8", "budget_s": 1500.0, "method_batch_size": 16, "method_steps": 2,
+    "profile_steps": 2,
 }
 
 
@@ -94,6 +98,7 @@ class Result:
     data_share: float | None = None  # time share of data loading and augmentation
     gpu_utilization: float | None = None  # mean percent while timed
     ratio_to_repdistiller: float | None = None
+    ratio_to_bare_loop: float | None = None  # kdcli fp32 against it is the engine's overhead
     projected_240_epochs_min: float | None = None  # at 50,000 images per epoch, warm-up excluded
     skipped: str | None = None
 
@@ -199,7 +204,8 @@ def measure(settings: Settings, bundle: DataBundle, log: Log, deadline: float) -
     results = []
     for batch_size in settings.batch_sizes:
         jobs: list[tuple[str, Callable[[], Result]]] = [
-            ("repdistiller-style", lambda size=batch_size: repdistiller_result(settings, bundle, size))
+            ("repdistiller-style", lambda size=batch_size: repdistiller_result(settings, bundle, size)),
+            (BARE_LOOP, lambda size=batch_size: bare_loop_result(settings, size)),
         ]
         jobs += [
             (f"kdcli {variant}", lambda size=batch_size, variant=variant: kdcli_throughput(settings, bundle, size, variant))
@@ -225,16 +231,58 @@ def repdistiller_result(settings: Settings, bundle: DataBundle, batch_size: int)
     return Result("repdistiller-style", batch_size, timing.images_per_s, round(timing.warmup_s, 1), round(timing.data_share, 3), timing.gpu_utilization)
 
 
+BARE_LOOP = "bare loop (eager fp32)"
+
+
+def bare_loop_result(settings: Settings, batch_size: int) -> Result:
+    """The minimal hand-written KD loop on the same models: what kdcli's engine is measured against."""
+    workload = Workload(
+        teacher=settings.teacher, student=settings.student, batch_size=batch_size,
+        steps=max(1, settings.images // batch_size), num_classes=settings.num_classes,
+    )
+    return Result(BARE_LOOP, batch_size, bare_loop_throughput(workload))
+
+
+def profile_steps(settings: Settings, bundle: DataBundle, out: Path) -> str | None:
+    """A torch.profiler table (by self CPU time) of ``profile_steps`` warm steps at the first batch size."""
+    if settings.profile_variant is None:
+        return None
+    batch_size = settings.batch_sizes[0]
+    workload = Workload(teacher=settings.teacher, student=settings.student, batch_size=batch_size)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if settings.device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = build_trainer(run_config(settings, batch_size, settings.profile_variant), workload, Path(scratch), bundle=bundle)
+        trainer.train_loader = FirstSteps(trainer.train_loader, settings.warmup_steps)
+        trainer.train_epoch(1)
+        trainer.train_loader = FirstSteps(trainer.train_loader.epochs, settings.profile_steps)
+        with torch.profiler.profile(activities=activities) as profiler:
+            trainer.train_epoch(2)
+    text = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    heading = f"{settings.profile_steps} steps of kdcli {settings.profile_variant}, batch {batch_size}, {settings.teacher} -> {settings.student}"
+    (out / "profile.txt").write_text(f"{heading}\n{text}\n", encoding="utf-8")
+    return heading
+
+
 def with_ratios(results: list[Result]) -> list[Result]:
     """Each loop against the RepDistiller-style loop at its batch size, and 240 epochs of 50,000 images."""
-    baselines = {result.batch_size: result.images_per_s for result in results if result.loop == "repdistiller-style"}
+    def speeds(loop: str) -> dict[int, float | None]:
+        return {result.batch_size: result.images_per_s for result in results if result.loop == loop}
+
+    def ratio(speed: float, baseline: float | None) -> float | None:
+        return round(speed / baseline, 2) if baseline else None
+
+    repdistiller, bare = speeds("repdistiller-style"), speeds(BARE_LOOP)
     finished = []
     for result in results:
         if result.images_per_s:
-            baseline = baselines.get(result.batch_size)
-            ratio = round(result.images_per_s / baseline, 2) if baseline else None
-            projected = round(PROJECTED_EPOCHS * CIFAR100_TRAIN / result.images_per_s / 60, 1)
-            result = replace(result, ratio_to_repdistiller=ratio, projected_240_epochs_min=projected)
+            result = replace(
+                result,
+                ratio_to_repdistiller=ratio(result.images_per_s, repdistiller.get(result.batch_size)),
+                ratio_to_bare_loop=ratio(result.images_per_s, bare.get(result.batch_size)),
+                projected_240_epochs_min=round(PROJECTED_EPOCHS * CIFAR100_TRAIN / result.images_per_s / 60, 1),
+            )
         finished.append(result)
     return finished
 
@@ -247,13 +295,13 @@ def describe(result: Result) -> str:
 
 def table(results: list[Result]) -> str:
     """The Markdown table of the closing note."""
-    header = "| loop | batch | images/s | x RepDistiller-style | data share | GPU util % | 240 epochs (min) |"
-    lines = [header, "|" + " --- |" * 7]
+    header = "| loop | batch | images/s | x RepDistiller-style | x bare loop | data share | GPU util % | 240 epochs (min) |"
+    lines = [header, "|" + " --- |" * 8]
     for result in results:
         if result.skipped:
-            lines.append(f"| {result.loop} | {result.batch_size} | skipped: {result.skipped} | | | | |")
+            lines.append(f"| {result.loop} | {result.batch_size} | skipped: {result.skipped} | | | | | |")
             continue
-        cells = [result.loop, result.batch_size, f"{result.images_per_s:,.1f}", result.ratio_to_repdistiller,
+        cells = [result.loop, result.batch_size, f"{result.images_per_s:,.1f}", result.ratio_to_repdistiller, result.ratio_to_bare_loop,
                  f"{result.data_share:.0%}" if result.data_share is not None else "-",
                  f"{result.gpu_utilization:.0f}" if result.gpu_utilization is not None else "-", result.projected_240_epochs_min]
         lines.append("| " + " | ".join("-" if cell is None else str(cell) for cell in cells) + " |")
@@ -296,6 +344,7 @@ def parse_settings(argv: list[str]) -> tuple[Settings, Path, bool]:
     parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--budget-s", type=float, help="start no measurement after this many seconds (default 400)")
     parser.add_argument("--method-variant", help=f"the variant every method is stepped in, one of {','.join(VARIANTS)}, or none")
+    parser.add_argument("--profile-variant", help=f"the variant profiled into profile.txt, one of {','.join(VARIANTS)}, or none")
     parser.add_argument("--skip-tests", action="store_true", help="only the speed benchmark")
     args = parser.parse_args(argv)
     settings = Settings(device=args.device, **(SMOKE if args.smoke else {}))
@@ -303,9 +352,10 @@ def parse_settings(argv: list[str]) -> tuple[Settings, Path, bool]:
              "batch_sizes": args.batch_sizes and tuple(int(size) for size in args.batch_sizes.split(",")),
              "variants": args.variants and tuple(args.variants.split(","))}
     settings = replace(settings, **{key: value for key, value in given.items() if value})
-    if args.method_variant:
-        settings = replace(settings, method_variant=None if args.method_variant == "none" else args.method_variant)
-    unknown = (set(settings.variants) | {settings.method_variant or "fp32"}) - set(VARIANTS)
+    for key in ("method_variant", "profile_variant"):
+        if chosen := getattr(args, key):
+            settings = replace(settings, **{key: None if chosen == "none" else chosen})
+    unknown = (set(settings.variants) | {settings.method_variant or "fp32", settings.profile_variant or "fp32"}) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     return settings, args.out, args.skip_tests
@@ -327,6 +377,7 @@ def main(argv: list[str]) -> int:
     results = measure(settings, bundle, log, deadline=started + settings.budget_s)
     report.update(results=[asdict(result) for result in results], goals=goals(results))
     methods = measure_methods(settings, log)
+    report["profile"] = profile_steps(settings, bundle, out)
     report.update(methods=[asdict(row) for row in methods], total_s=round(time.monotonic() - started, 1))
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     log(f"\n{table(results)}\n\ngoals: {report['goals']}\n\n{gpu_methods.table(methods)}")

@@ -54,11 +54,14 @@ def test_gpu_check_dry_run_gives_every_row_a_number(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["cuda_tests"]["returncode"] == 0 and report["cuda_tests"].get("skipped", 0) > 0  # no GPU here
     loops = {row["loop"]: row for row in report["results"]}
-    assert set(loops) == {"repdistiller-style", "kdcli fp32", "kdcli bf16"}
+    assert set(loops) == {"repdistiller-style", "bare loop (eager fp32)", "kdcli fp32", "kdcli bf16"}
     assert all(row["skipped"] is None and row["images_per_s"] > 0 and row["ratio_to_repdistiller"] > 0 for row in loops.values())
+    assert loops["kdcli fp32"]["ratio_to_bare_loop"] > 0
     methods = {row["method"]: row for row in report["methods"]}
     assert {"kd", "standard", "soteacher", "adaptive-fusion", "feature-mimic", "tfkd-self", "tfkd-virtual"} <= set(methods)
     for row in methods.values():
         assert row["skipped"] is None and row["samples_per_s"] > 0 and row["step_time_vs_baseline"] > 0, row
     assert methods["kd"]["step_time_vs_baseline"] == 1.0
     assert (tmp_path / "gpu_check.log").read_text().count("| kd | distill |") == 1
+    profile = (tmp_path / "profile.txt").read_text()
+    assert report["profile"] in profile and "Self CPU" in profile
