@@ -69,7 +69,7 @@ class Settings:
     teacher: str = "cifar_resnet32x4"
     student: str = "cifar_resnet8x4"
     workers: int = 8  # RepDistiller's default num_workers
-    budget_s: float = 400.0  # no new measurement starts after this: the last (a compile) ends inside 8 minutes
+    budget_s: float = 400.0  # no new measurement (speed row or method) starts after this: the last (a compile) ends inside 8 minutes
     test_timeout_s: float = 270.0
     variants: tuple[str, ...] = tuple(VARIANTS)
     method_variant: str | None = "bf16+channels_last+compile"  # every method's step and compile counters; None: skipped
@@ -374,10 +374,11 @@ def main(argv: list[str]) -> int:
     report["cuda_tests"] = {"skipped": "--skip-tests"} if skip_tests else run_cuda_tests(settings, log)
     log(f"cuda tests: {report['cuda_tests']}")
     bundle = synthetic_cifar100(settings)
-    results = measure(settings, bundle, log, deadline=started + settings.budget_s)
+    deadline = started + settings.budget_s
+    results = measure(settings, bundle, log, deadline=deadline)
     report.update(results=[asdict(result) for result in results], goals=goals(results))
-    methods = measure_methods(settings, log)
-    report["profile"] = profile_steps(settings, bundle, out)
+    methods = measure_methods(settings, log, deadline=deadline)
+    report["profile"] = profile_steps(settings, bundle, out) if time.monotonic() < deadline else None
     report.update(methods=[asdict(row) for row in methods], total_s=round(time.monotonic() - started, 1))
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     log(f"\n{table(results)}\n\ngoals: {report['goals']}\n\n{gpu_methods.table(methods)}")
@@ -387,7 +388,7 @@ def main(argv: list[str]) -> int:
     return 0 if tests_ok and not failures else 1
 
 
-def measure_methods(settings: Settings, log: Log) -> list[gpu_methods.MethodRow]:
+def measure_methods(settings: Settings, log: Log, deadline: float) -> list[gpu_methods.MethodRow]:
     """Every method's step in ``settings.method_variant`` (CIFAR-100's shape), after the speed table."""
     if settings.method_variant is None:
         return []
@@ -396,7 +397,7 @@ def measure_methods(settings: Settings, log: Log) -> list[gpu_methods.MethodRow]
         teacher=settings.teacher, student=settings.student, batch_size=settings.method_batch_size,
         steps=settings.method_steps, num_classes=settings.num_classes,
     )
-    return gpu_methods.measure_methods(workload, {"device": settings.device, **VARIANTS[settings.method_variant]}, log)
+    return gpu_methods.measure_methods(workload, {"device": settings.device, **VARIANTS[settings.method_variant]}, log, deadline)
 
 
 if __name__ == "__main__":

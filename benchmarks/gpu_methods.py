@@ -10,6 +10,7 @@ and the graph breaks.  A distill method is compared with ``kd``, a teach method 
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,14 +69,19 @@ def measure_method(method: str, job: str, workload: Workload, train: dict[str, A
     return row
 
 
-def measure_methods(workload: Workload, train: dict[str, Any], log: Callable[[str], None]) -> list[MethodRow]:
-    """Every loadable method (baselines first); one that fails is recorded with its reason and the others go on."""
+def measure_methods(workload: Workload, train: dict[str, Any], log: Callable[[str], None], deadline: float) -> list[MethodRow]:
+    """Every loadable method (baselines first); one that fails is recorded with its reason and the others go on.
+
+    None starts after ``deadline`` (``time.monotonic()``): those are recorded as skipped."""
     plugins = [plugin for plugin in method_plugins() if plugin.error is None]
     plugins.sort(key=lambda plugin: plugin.name not in BASELINES.values())
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for plugin in plugins:
             job = job_of(plugin.loaded)
+            if time.monotonic() > deadline:
+                rows.append(MethodRow(plugin.name, job, BASELINES[job], skipped="time budget spent"))
+                continue
             try:
                 row = measure_method(plugin.name, job, workload, train, Path(scratch))
             except Exception as exc:  # noqa: BLE001 - one failing method must not cost the others' numbers
