@@ -20,8 +20,9 @@ Tables live next to the teacher checkpoint as safetensors state files,
 ``teacher-cache/TEACHER.KEY[.epochNNNN].safetensors`` in the teacher's folder
 (a sub-folder, so globs for checkpoints such as ``checkpoints/epoch_*.safetensors``
 never pick up a table); KEY hashes the teacher file's bytes, the training
-split's pixels and labels, normalization, augmentation, seed and precision, so
-any change of those starts a new table.
+split's pixels and labels, normalization, augmentation, seed, precision, the
+codec that keeps a row (fp32, fp16, int8 or top-k at a temperature) and the
+table format, so any change of those starts a new table.
 
 Only logits are cached: a method that asks for the teacher's features gets a
 ``TeacherCacheError`` saying so.
