@@ -316,7 +316,9 @@ def _summarize(
         own = (teacher_info.mean, teacher_info.std)
         teacher_logits = _logits(teacher, bundle.test, own, runtime, batch_size, parts.teacher.resize)
         teacher_test = classification_report(teacher_logits, bundle.test.targets)
-        relation = TeacherRelation.of(teacher, teacher_info, trainer.student, spec.model_name, teacher_test["top1"], test["top1"])
+        relation = TeacherRelation.of(
+            teacher, teacher_info, trainer.student, spec.model_name, teacher_test["top1"], test["top1"], len(bundle.test)
+        )
     return TrainingSummary(
         run_dir=run_dir.root,
         is_main=runtime.is_main,
