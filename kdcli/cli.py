@@ -79,6 +79,12 @@ app.add_typer(methods_app, name="methods")
 
 stdout = Console()
 stderr = Console(stderr=True, highlight=False)
+PIPED_WIDTH = 100_000  # wider than any table: nothing is cut or wrapped in a pipe or a file
+
+
+def print_table(table: Table) -> None:
+    """A table on stdout: at the terminal's width, or in a pipe or a file at its own width (rich assumes 80 columns)."""
+    (stdout if stdout.is_terminal else Console(width=PIPED_WIDTH, highlight=False)).print(table)
 
 
 _interrupt_reported = False  # a command already said in its one line that it was interrupted
@@ -334,7 +340,7 @@ def _train_seeds(config: RunConfig, seeds: list[int], out: Path, flags: Training
         table.add_column(f"seed {seed}", justify="right")
     for name, stats in result.aggregate.items():
         table.add_row(name, f"{stats['mean']:.4f} ± {stats['std']:.4f}", *(f"{values[name]:.4f}" for values in per_seed.values()))
-    stdout.print(table)
+    print_table(table)
 
 
 def _default_out(job: str, method: str) -> Path:
@@ -356,16 +362,16 @@ def _print_summary(summary: TrainingSummary, *, as_json: bool) -> None:
     rows.append((summary.config.model.name, "student" if summary.config.job == "distill" else "teacher", summary.test))
     for arch, role, report in rows:
         table.add_row(arch, role, f"{report['top1']:.4f}", f"{report['top5']:.4f}", f"{report['nll']:.4f}", f"{report['ece']:.4f}")
-    stdout.print(table)
+    print_table(table)
     if summary.skipped_steps:
         stdout.print(f"skipped {summary.skipped_steps} steps with a non-finite loss (train.nonfinite_loss=skip)")
     if summary.teacher_relation is not None:
         relation = summary.teacher_relation
-        stdout.print(f"teacher vs student: [bold]{relation.kind}[/bold]: {escape('; '.join(relation.facts()))}", highlight=False)
+        stdout.print(f"teacher vs student: [bold]{relation.kind}[/bold]: {escape('; '.join(relation.facts()))}", highlight=False, soft_wrap=True)
     diagnostics = summary.history[-1].get("method", {}) if summary.history else {}
     if diagnostics:  # whatever the method reported for its last epoch (e.g. fusion-ratio statistics)
-        stdout.print("method, last epoch: " + "  ".join(f"{name} {value:.4g}" for name, value in diagnostics.items()))
-    stdout.print(f"checkpoint: {summary.run_dir / 'last.safetensors'}")
+        stdout.print("method, last epoch: " + "  ".join(f"{name} {value:.4g}" for name, value in diagnostics.items()), soft_wrap=True)
+    stdout.print(f"checkpoint: {summary.run_dir / 'last.safetensors'}", soft_wrap=True)
 
 
 @app.command(epilog="Examples: kdcli teach  ·  kdcli teach --model cifar_resnet32x4 --data cifar100 --epochs 240 --set schedule.name=multistep --set schedule.milestones=[150,180,210]")
@@ -425,7 +431,7 @@ def evaluate(
     table.add_column("value", justify="right")
     for name, value in report["metrics"].items():
         table.add_row(name, f"{value:.4f}")
-    stdout.print(table)
+    print_table(table)
     if report["lineage"]:
         stdout.print("lineage: " + " <- ".join([report["arch"], *map(_teacher_words, report["lineage"])]), markup=False, soft_wrap=True)
 
@@ -461,7 +467,7 @@ def predict(
         for rank, entry in enumerate(row["top"], start=1):
             label = str(entry["class"]) if entry["name"] is None else f"{entry['class']} {entry['name']}"
             table.add_row(row["image"] if rank == 1 else "", str(rank), escape(label), f"{entry['probability']:.4f}")
-    stdout.print(table)
+    print_table(table)
 
 
 def _numbers(text: str | None, flag: str, kind: type[float] | type[int]) -> tuple[Any, ...] | None:
@@ -590,7 +596,7 @@ def _print_seeded_sweep(seeded: SeededSweepResult, *, as_json: bool) -> None:
     for row in seeded.rows:
         table.add_row(row["teacher"], str(row["teacher_epoch"]), f"{row['teacher_top1']:.4f}",
                       f"{row['student_top1_mean']:.4f} ± {row['student_top1_std']:.4f}", f"{row['student_ece_mean']:.4f} ± {row['student_ece_std']:.4f}")
-    stdout.print(table)
+    print_table(table)
     stdout.print(f"results: {seeded.out / 'results.json'}; each seed's sweep, table and plot in {seeded.out}/seed-N", markup=False, soft_wrap=True)
 
 
@@ -607,7 +613,7 @@ def _print_sweep(result: SweepResult, *, as_json: bool) -> None:
             row["teacher"], str(row["teacher_epoch"]), f"{row['teacher_top1']:.4f}", f"{row['teacher_ece']:.4f}",
             "-" if distance is None else f"{distance:.4f}", f"{row['student_top1']:.4f}",
         )
-    stdout.print(table)
+    print_table(table)
     stdout.print(f"results: {result.out / 'results.csv'}, {result.out / 'results.json'}", markup=False, soft_wrap=True)
     if result.plot_written:
         stdout.print(f"plot: {result.out / 'sweep.png'}", markup=False, soft_wrap=True)
@@ -644,8 +650,7 @@ def compare(
         cells = [_stat_cell(row["metrics"].get(name), integer=name == "best/epoch") for name in TABLE_METRICS]
         seeds = "-" if row["seeds"] is None else str(len(row["seeds"]))
         table.add_row(escape(row["label"]), row["method"] or "", row["model"] or "", seeds, str(row["epochs"]), *cells)
-    # A table of many columns: into a pipe or file at its natural width, not squeezed to 80 columns.
-    (stdout if stdout.is_terminal else Console(width=240)).print(table)
+    print_table(table)
     for row in rows:
         if row["unfinished"]:
             _note(f"note: {row['label']}: not finished, no test metrics: {', '.join(row['unfinished'])}")
@@ -725,7 +730,7 @@ def methods_list(json_output: JsonOption = False) -> None:
         summary = row["summary"] if row["error"] is None else f"[red]unusable: {escape(row['error'])}[/red]"
         source = f"{row['distribution']} {row['version']}".strip()
         table.add_row(row["name"], "/".join(row["roles"]), row["teacher"] or "", summary, source)
-    stdout.print(table)
+    print_table(table)
 
 
 @methods_app.command("show")
@@ -745,7 +750,7 @@ def methods_show(name: Annotated[str, typer.Argument(help="Method name.")], json
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(f"method.{row['name']}", escape(row["type"]), escape(json.dumps(row["default"])), escape(row["help"]))
-    stdout.print(table)
+    print_table(table)
 
 
 def _describe_params(method: type[Method]) -> list[dict[str, Any]]:

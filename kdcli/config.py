@@ -161,10 +161,20 @@ class TrainConfig(StrictModel):
     cache_teacher: bool = Field(
         False, description="Compute the teacher's logits once and reuse them (stored next to the teacher checkpoint)."
     )
+    cache_teacher_codec: Literal["fp32", "fp16", "int8"] | None = Field(
+        None,
+        description="How the teacher cache keeps every logit: fp32 (exact, 4 bytes a class), fp16 (2) or int8 on "
+        "each sample's own scale (1); None = DEFAULT_CACHE_CODEC. docs/teacher-cache.md gives each one's error.",
+    )
     cache_teacher_topk: PositiveInt | None = Field(
         None,
-        description="Keep only each sample's k largest teacher logits and the remaining mass (tables for many classes); "
-        "None = every logit, exact.",
+        description="Keep only each sample's k largest teacher logits and the tail's log-sum-exp (tables for many classes); "
+        "None = every logit, kept by cache_teacher_codec.",
+    )
+    cache_teacher_temperature: PositiveFloat | None = Field(
+        None,
+        description="The temperature at which a top-k table keeps the tail's mass exact; None = the method's "
+        "temperature hyperparameter (1 if it has none).",
     )
     teacher_resize: Literal["auto", "off"] = Field(
         "auto",

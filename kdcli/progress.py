@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,6 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 PROGRESS_REFRESH_STEPS = 10
+# With stderr in a pipe or a log (no bar), one plain progress line at most this often within an epoch.
+PIPED_PROGRESS_SECONDS = 30.0
 
 
 class TrainingConsole:
@@ -46,11 +49,18 @@ def _number(key: str, value: Any) -> str:
 
 
 class EpochProgress:
-    """A transient rich progress bar for one epoch, with running loss and accuracy."""
+    """A transient rich progress bar for one epoch, with running loss and accuracy.
+
+    Where stderr is not a terminal the bar is off (it would fill a log with
+    redraws); instead a plain line reports the step every PIPED_PROGRESS_SECONDS.
+    """
 
     def __init__(self, console: Console, epoch: int, epochs: int, steps: int, done: int) -> None:
+        self.console, self.label, self.steps = console, f"epoch {epoch}/{epochs}", steps
+        self.piped = not console.quiet and not console.is_terminal
+        self.started = self.last_line = time.monotonic()
         self.progress = Progress(
-            TextColumn(f"epoch {epoch}/{epochs}"),
+            TextColumn(self.label),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[status]}"),
@@ -70,4 +80,10 @@ class EpochProgress:
         self.progress.__exit__(*exc_info)
 
     def advance(self, step: int, loss: float, accuracy: float) -> None:
-        self.progress.update(self.task, completed=step, status=f"loss {loss:.4f} acc {accuracy:.3f}")
+        status = f"loss {loss:.4f} acc {accuracy:.3f}"
+        self.progress.update(self.task, completed=step, status=status)
+        now = time.monotonic()
+        if self.piped and step < self.steps and now - self.last_line >= PIPED_PROGRESS_SECONDS:
+            self.last_line = now  # the epoch's own line follows its last step
+            line = f"{self.label}  step {step}/{self.steps}  {status}  {now - self.started:.0f}s"
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)

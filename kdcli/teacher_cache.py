@@ -20,8 +20,9 @@ Tables live next to the teacher checkpoint as safetensors state files,
 ``teacher-cache/TEACHER.KEY[.epochNNNN].safetensors`` in the teacher's folder
 (a sub-folder, so globs for checkpoints such as ``checkpoints/epoch_*.safetensors``
 never pick up a table); KEY hashes the teacher file's bytes, the training
-split's pixels and labels, normalization, augmentation, seed and precision, so
-any change of those starts a new table.
+split's pixels and labels, normalization, augmentation, seed, precision, the
+codec that keeps a row (fp32, fp16, int8 or top-k at a temperature) and the
+table format, so any change of those starts a new table.
 
 Only logits are cached: a method that asks for the teacher's features gets a
 ``TeacherCacheError`` saying so.
@@ -47,8 +48,9 @@ from kdcli.errors import KdcliError, UsageError
 from kdcli.step import Batch
 from kdcli.teacher import FrozenTeacher, Renormalization
 
-# Bump when the meaning or layout of a stored table changes (how augmentation is drawn or seeded; 2: columns).
-CACHE_FORMAT = 2
+# Bump when the meaning or layout of a stored table changes (how augmentation is drawn or seeded; 2: columns;
+# 3: top-k keeps the tail's log-sum-exp at the run's temperature, codecs name themselves in the key).
+CACHE_FORMAT = 3
 HASH_CHUNK_BYTES = 1 << 24
 CACHE_FOLDER = "teacher-cache"
 
@@ -66,11 +68,11 @@ def file_digest(path: Path) -> str:
 
 
 def cache_key(
-    teacher_path: Path, train: Split, augment: Augment, *, seed: int, precision: str, topk: int | None = None
+    teacher_path: Path, train: Split, augment: Augment, *, seed: int, precision: str, codec: LogitCodec | None = None
 ) -> str:
-    """What the stored logits are a function of, hashed to 16 hex digits."""
+    """What the stored table is a function of (the logits and how a row keeps them), hashed to 16 hex digits."""
     facts = {
-        "topk": topk,
+        "codec": (codec or FullLogits()).facts(),
         "format": CACHE_FORMAT,
         "teacher": file_digest(teacher_path),
         "train": train.digest(),
@@ -96,15 +98,25 @@ def check_writable(teacher_path: Path) -> None:
 
 
 class LogitCodec(Protocol):
-    """How a batch of teacher logits becomes per-sample table columns, and back."""
+    """How a batch of teacher logits becomes per-sample table columns, and back.
+
+    ``facts`` names the codec and its settings: part of the cache key, so a
+    table is only read back by the codec that wrote it.
+    """
+
+    def facts(self) -> dict[str, object]: ...
 
     def encode(self, logits: Tensor) -> dict[str, Tensor]: ...
 
     def decode(self, columns: dict[str, Tensor], num_classes: int) -> Tensor: ...
 
 
+@dataclass(frozen=True)
 class FullLogits:
-    """The exact logits: one row of C numbers per sample."""
+    """The exact logits: one row of C fp32 numbers per sample (4C bytes)."""
+
+    def facts(self) -> dict[str, object]:
+        return {"codec": "fp32"}
 
     def encode(self, logits: Tensor) -> dict[str, Tensor]:
         return {"logits": logits}
@@ -114,30 +126,91 @@ class FullLogits:
 
 
 @dataclass(frozen=True)
-class TopKLogits:
-    """The k largest logits, their classes and the log-partition: k*(4+4)+4 bytes a sample instead of 4*C.
+class HalfLogits:
+    """Every logit in fp16, less the row's maximum (kept in fp32): 2C+4 bytes a sample.
 
-    Decoding keeps the top-k probabilities exact (at temperature 1) and spreads
-    the remaining mass evenly over the other classes, so a KD loss can still be
-    evaluated; ``benchmarks/bench_cache_topk.py`` reports its error.
+    Subtracting the maximum puts the classes that carry the probability mass
+    next to 0, where fp16 is finest (a logit 10 below the top is off by at most
+    2^-8); the maximum restores the logits themselves, not only their softmax.
+    """
+
+    def facts(self) -> dict[str, object]:
+        return {"codec": "fp16"}
+
+    def encode(self, logits: Tensor) -> dict[str, Tensor]:
+        top = logits.float().amax(dim=1, keepdim=True)
+        return {"centered": (logits.float() - top).to(torch.float16), "max": top.squeeze(1)}
+
+    def decode(self, columns: dict[str, Tensor], num_classes: int) -> Tensor:
+        return columns["centered"].float() + columns["max"].unsqueeze(1)
+
+
+INT8_LEVELS = 255
+
+
+@dataclass(frozen=True)
+class Int8Logits:
+    """Every logit as one byte on the row's own scale: C+8 bytes a sample.
+
+    Sample i's logits are ``offset_i + scale_i * q`` with q in 0..255, offset
+    the row's minimum and scale its range / 255, so each logit is off by at
+    most half a step (range / 510) and the row's maximum is kept to rounding.
+    """
+
+    def facts(self) -> dict[str, object]:
+        return {"codec": "int8"}
+
+    def encode(self, logits: Tensor) -> dict[str, Tensor]:
+        logits = logits.float()
+        low, high = logits.amin(dim=1, keepdim=True), logits.amax(dim=1, keepdim=True)
+        scale = ((high - low) / INT8_LEVELS).clamp(min=torch.finfo(torch.float32).tiny)
+        levels = ((logits - low) / scale).round().clamp(0, INT8_LEVELS)
+        return {"levels": levels.to(torch.uint8), "offset": low.squeeze(1), "scale": scale.squeeze(1)}
+
+    def decode(self, columns: dict[str, Tensor], num_classes: int) -> Tensor:
+        return columns["offset"].unsqueeze(1) + columns["scale"].unsqueeze(1) * columns["levels"].float()
+
+
+@dataclass(frozen=True)
+class TopKLogits:
+    """The k largest logits, their classes and the tail's log-sum-exp at temperature tau: 8k+4 bytes a sample.
+
+    The tail (the C-k other classes) is stored as ``tau * logsumexp(tail / tau)``
+    in fp32, not as 1 - sum(top-k probabilities), which cancels to nothing for a
+    confident teacher.  Decoding gives every tail class the same logit, chosen
+    so that at temperature tau the softmax of the decoded row has the exact
+    top-k probabilities and the exact tail mass (to fp32 rounding, whatever the
+    margin); only the shape of the tail is lost (spread evenly).  At another
+    temperature the top-k logits are still exact but the tail mass is not, so
+    tau is part of the cache key.  k >= C decodes the exact logits.
     """
 
     k: int
+    temperature: float = 1.0
+
+    def facts(self) -> dict[str, object]:
+        return {"codec": "topk", "k": self.k, "temperature": self.temperature}
 
     def encode(self, logits: Tensor) -> dict[str, Tensor]:
+        logits = logits.float()
         values, classes = logits.topk(min(self.k, logits.shape[1]), dim=1)
-        return {"values": values, "classes": classes.to(torch.int32), "logsumexp": logits.float().logsumexp(dim=1)}
+        tail = logits.scatter(1, classes, -math.inf)  # the top k masked out
+        tail_logsumexp = self.temperature * (tail.double() / self.temperature).logsumexp(dim=1)
+        return {"values": values, "classes": classes.to(torch.int32), "tail_logsumexp": tail_logsumexp.float()}
 
     def decode(self, columns: dict[str, Tensor], num_classes: int) -> Tensor:
-        values, classes, logsumexp = columns["values"], columns["classes"].long(), columns["logsumexp"]
+        values, classes = columns["values"], columns["classes"].long()
         others = num_classes - values.shape[1]
         if others == 0:
             return torch.empty_like(values).scatter_(1, classes, values)
-        top_mass = (values.float() - logsumexp.unsqueeze(1)).exp().sum(dim=1)
-        rest = (1.0 - top_mass).clamp(min=torch.finfo(torch.float32).tiny)
-        fill = logsumexp + rest.log() - math.log(others)  # each other class: an equal share of the rest
+        # (C-k) * exp(fill / tau) = exp(tail_logsumexp / tau): the tail's tempered mass, shared evenly.
+        fill = columns["tail_logsumexp"].double() - self.temperature * math.log(others)
         logits = fill.unsqueeze(1).expand(len(values), num_classes).to(values.dtype).clone()
         return logits.scatter_(1, classes, values)
+
+
+CODECS: dict[str, Callable[[], LogitCodec]] = {"fp32": FullLogits, "fp16": HalfLogits, "int8": Int8Logits}
+DEFAULT_CACHE_CODEC = "fp16"  # from benchmarks/bench_cache_topk.py: half of fp32, KD gradient off by ~1e-4 (docs/teacher-cache.md)
 
 
 def table_bytes(columns: dict[str, Tensor]) -> int:

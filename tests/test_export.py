@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,34 @@ def test_a_kdcli_architecture_exports_with_a_note(teacher_run: Path, tmp_path: P
     assert result.exit_code == 0, result
     assert "import kdcli.models" in result.stdout
     assert "import kdcli.models" in (tmp_path / "hub" / "README.md").read_text()
+
+
+def run_fresh(script: str, inputs: Path) -> torch.Tensor:
+    """``script`` (which leaves a timm ``model``) in a new interpreter: the model's logits on ``inputs``."""
+    probe = script + "\nimport sys, torch\nwith torch.no_grad():\n    print(model.eval()(torch.load(sys.argv[1])).tolist())\n"
+    result = subprocess.run([sys.executable, "-c", probe, str(inputs)], capture_output=True, text=True, cwd=inputs.parent, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return torch.tensor(json.loads(result.stdout))
+
+
+def test_the_printed_load_hint_and_the_card_snippet_run_as_pasted(teacher_run: Path, tmp_path: Path) -> None:
+    """A kdcli architecture: ``import kdcli.models`` must register the zoo, in a process that has done nothing else."""
+    out = tmp_path / "hub"
+    result = run_cli("export", teacher_run / "last.safetensors", out)
+    assert result.exit_code == 0, result
+    hint = re.search(r"load: (timm\.create_model\(.*?\)) after `(import kdcli\.models)`", result.stdout)
+    assert hint is not None, result.stdout
+    (snippet,) = re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), flags=re.DOTALL)
+    assert 'create_model("hf-hub:REPO_ID"' in snippet and '"local-dir:PATH"' in snippet
+    model, info = model_from_checkpoint(teacher_run / "last.safetensors")
+    inputs = torch.randn(2, *info.input_size, generator=torch.Generator().manual_seed(0))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        expected = model.eval()(inputs)
+    pasted_hint = f"import timm\n{hint.group(2)}\nmodel = {hint.group(1)}"
+    pasted_card = snippet.replace("hf-hub:REPO_ID", f"local-dir:{out}")  # the card's own alternative to the Hub id
+    for script in (pasted_hint, pasted_card):
+        torch.testing.assert_close(run_fresh(script, tmp_path / "inputs.pt"), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_lineage_is_recorded_and_shown(timm_student: Path, teacher_run: Path) -> None:

@@ -40,6 +40,11 @@ def test_dry_run_prints_the_resolved_config_and_plan_and_writes_nothing(tmp_path
     assert report["config"]["model"]["name"] == "cifar_resnet20" and report["config"]["method"]["name"] == "standard"
     assert report["plan"]["action"] == "create" and report["plan"]["data"]["num_classes"] == 2
     assert report["plan"]["data"]["mean"] == [0.485, 0.456, 0.406]
+    assert report["plan"]["data"]["storage"] == "in memory" and report["plan"]["data"]["memory_bytes"] == 12 * 3 * 32 * 32
+    streamed = run_cli("teach", "--data", f"imagefolder:{tmp_path / 'pets'}", "--set", "data.in_memory=false", "--set", "data.workers=0",
+                       "--out", out, "--dry-run")
+    assert streamed.exit_code == 0, streamed
+    assert {key: streamed.json()["plan"]["data"][key] for key in ("storage", "workers")} == {"storage": "streamed from files", "workers": 0}
     assert not out.exists() and snapshot(tmp_path) == before
     assert_clean_error(run_cli("teach", "--resume", out, "--dry-run"), 2, "drop --dry-run")
 

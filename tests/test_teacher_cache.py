@@ -18,7 +18,21 @@ from conftest import TINY, run_cli
 from kdcli.data.augment import BatchAugment, EpochAugmentation
 from kdcli.data.bundle import ImageSplit
 from kdcli.method import Batch
-from kdcli.teacher_cache import CachedTeacher, TeacherCacheError, TopKLogits, cache_key, cache_path, table_bytes
+from kdcli import teacher_cache
+from kdcli.config import build_config
+from kdcli.jobs.build import resolve_run, teacher_codec
+from kdcli.losses import distillation_kl
+from kdcli.teacher_cache import (
+    CachedTeacher,
+    FullLogits,
+    HalfLogits,
+    Int8Logits,
+    TeacherCacheError,
+    TopKLogits,
+    cache_key,
+    cache_path,
+    table_bytes,
+)
 
 NUM_SAMPLES = 50
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -206,3 +220,99 @@ def test_distill_with_a_top_k_cache(teacher_run: Path, tmp_path: Path) -> None:
     assert 0 < record["teacher_cache"]["table_bytes"] < 480 * 10 * 4  # below the full table's 4 bytes x 10 classes a sample
     refused = run_cli("distill", "--teacher", teacher, "--set", "train.cache_teacher_topk=3", "--out", tmp_path / "no", *TINY)
     assert refused.exit_code == 2 and "--cache-teacher" in refused.stderr and not (tmp_path / "no").exists()
+
+
+# --- exact tails and compact codecs at 1000 classes ---------------------------------------------------
+
+IMAGENET_CLASSES = 1000
+
+
+def confident_logits(margin: float, samples: int = 64) -> torch.Tensor:
+    """A 1000-class teacher whose class 0 leads the runner-up by ``margin``, over a spread-out background."""
+    generator = torch.Generator().manual_seed(int(margin))
+    logits = (1 + 2 * torch.rand(samples, 1, generator=generator)) * torch.randn(samples, IMAGENET_CLASSES, generator=generator)
+    logits[:, 0] = logits[:, 1:].amax(dim=1) + margin
+    return logits
+
+
+def tempered_tail_mass(logits: torch.Tensor, top: torch.Tensor, temperature: float) -> torch.Tensor:
+    tempered = logits.double() / temperature
+    return (tempered.scatter(1, top, -float("inf")).logsumexp(dim=1) - tempered.logsumexp(dim=1)).exp()
+
+
+@pytest.mark.parametrize("margin", [0.0, 20.0, 40.0])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_top_k_keeps_the_tail_mass_exact_whatever_the_margin(margin: float, temperature: float) -> None:
+    """At margin 40 the tail holds ~1e-17 of the mass: 1 - sum(top-k) in fp32 would give 0; the stored log-sum-exp keeps it."""
+    logits = confident_logits(margin)
+    codec = TopKLogits(5, temperature)
+    decoded = codec.decode(codec.encode(logits), IMAGENET_CLASSES)
+    top = logits.topk(5, dim=1).indices
+    truth = tempered_tail_mass(logits, top, temperature)
+    assert truth.min() > 0
+    torch.testing.assert_close(tempered_tail_mass(decoded, top, temperature), truth, rtol=1e-5, atol=0)
+    torch.testing.assert_close(decoded.gather(1, top), logits.gather(1, top), rtol=0, atol=0)  # the top k as they were
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_a_top_k_table_of_every_class_gives_exactly_the_uncached_loss(temperature: float) -> None:
+    logits = confident_logits(20.0)
+    student = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
+    codec = TopKLogits(IMAGENET_CLASSES, temperature)
+    decoded = codec.decode(codec.encode(logits), IMAGENET_CLASSES)
+    assert torch.equal(distillation_kl(student, decoded, temperature), distillation_kl(student, logits, temperature))
+
+
+def test_fp16_and_int8_keep_every_logit_within_their_step() -> None:
+    logits = confident_logits(20.0)
+    centered = logits - logits.amax(dim=1, keepdim=True)
+    fp16, int8 = HalfLogits(), Int8Logits()
+    half = fp16.decode(fp16.encode(logits), IMAGENET_CLASSES)
+    torch.testing.assert_close(half, logits, rtol=0, atol=float(centered.abs().max()) * 2**-11 + 1e-5)
+    assert torch.equal(half.argmax(dim=1), logits.argmax(dim=1))
+    step = (logits.amax(dim=1) - logits.amin(dim=1)) / 255
+    quantized = int8.decode(int8.encode(logits), IMAGENET_CLASSES)
+    assert ((quantized - logits).abs() <= step.unsqueeze(1) / 2 + 1e-5).all()
+    assert torch.equal(quantized.argmax(dim=1), logits.argmax(dim=1))
+    sizes = [table_bytes(codec.encode(logits)) // len(logits) for codec in (FullLogits(), fp16, int8)]
+    assert sizes == [4000, 2004, 1008]
+
+
+def test_key_names_the_codec_and_the_format(images: torch.Tensor, teacher_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables of different codecs (or a top-k table for another temperature) never share a file; old formats are not read."""
+    split = ImageSplit(images, torch.zeros(NUM_SAMPLES, dtype=torch.int64))
+    codecs = [FullLogits(), HalfLogits(), Int8Logits(), TopKLogits(5), TopKLogits(5, 4.0), TopKLogits(10, 4.0)]
+    keys = {cache_key(teacher_path, split, CROP_FLIP, seed=0, precision="None", codec=codec) for codec in codecs}
+    assert len(keys) == len(codecs)
+    monkeypatch.setattr(teacher_cache, "CACHE_FORMAT", 2)
+    assert cache_key(teacher_path, split, CROP_FLIP, seed=0, precision="None", codec=TopKLogits(5)) not in keys
+
+
+def run_codec(*overrides: str) -> object:
+    config = build_config(overrides=["job=distill", "teacher=t.safetensors", "model.name=cifar_resnet8", *overrides])
+    return teacher_codec(resolve_run(config).config)
+
+
+def test_the_run_chooses_the_codec_and_the_top_k_temperature() -> None:
+    assert run_codec("train.cache_teacher=true", "method.name=kd") == HalfLogits()  # the default
+    assert run_codec("train.cache_teacher=true", "method.name=kd", "train.cache_teacher_codec=int8") == Int8Logits()
+    assert run_codec("train.cache_teacher=true", "method.name=kd", "train.cache_teacher_topk=5") == TopKLogits(5, 4.0)  # kd's tau
+    assert run_codec("train.cache_teacher=true", "method.name=kd", "method.temperature=2", "train.cache_teacher_topk=5") == TopKLogits(5, 2.0)
+    overridden = ("train.cache_teacher=true", "train.cache_teacher_topk=5", "train.cache_teacher_temperature=3")
+    assert run_codec(*overridden) == TopKLogits(5, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.cache_teacher_codec=int8"], "add --cache-teacher"),
+        (["train.cache_teacher=true", "train.cache_teacher_codec=int8", "train.cache_teacher_topk=5"], "drop train.cache_teacher_codec"),
+        (["train.cache_teacher=true", "train.cache_teacher_temperature=2"], "add train.cache_teacher_topk"),
+        (["train.cache_teacher=true", "train.cache_teacher_codec=bf16"], "cache_teacher_codec"),
+    ],
+)
+def test_cache_settings_that_contradict_are_one_line_errors(overrides: list[str], message: str, teacher_run: Path, tmp_path: Path) -> None:
+    teacher = teacher_run / "last.safetensors"
+    result = run_cli("distill", "--teacher", teacher, *[arg for item in overrides for arg in ("--set", item)], "--out", tmp_path / "run", *TINY)
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -139,7 +139,7 @@ def test_virtual_teacher_correct_prob_must_be_at_least_0_9() -> None:
 def relation(**changes: object) -> TeacherRelation:
     fields: dict[str, object] = dict(
         teacher_arch="big", student_arch="small", teacher_params=200, student_params=100,
-        teacher_epoch=30, teacher_run_epochs=30, teacher_top1=0.8, student_top1=0.7,
+        teacher_epoch=30, teacher_run_epochs=30, teacher_top1=0.8, student_top1=0.7, test_samples=10_000,
     )
     return TeacherRelation(**{**fields, **changes})  # type: ignore[arg-type]
 
@@ -158,6 +158,11 @@ def relation(**changes: object) -> TeacherRelation:
         ({"teacher_top1": 0.6}, "defective KD"),
         ({"teacher_run_epochs": None, "teacher_top1": 0.6}, "defective KD"),
         ({"teacher_params": 50}, "standard KD"),  # smaller but more accurate: the roles are not swapped
+        # Within sampling noise (2 standard errors: about 0.085 on 240 samples, 0.013 on 10,000) a lower top-1 is no evidence.
+        ({"teacher_top1": 0.65, "test_samples": 240}, "standard KD"),
+        ({"teacher_epoch": 1, "teacher_top1": 0.65, "test_samples": 240}, "standard KD"),
+        ({"teacher_params": 50, "teacher_top1": 0.69}, "standard KD"),
+        ({"teacher_top1": 0.6, "test_samples": 240}, "defective KD"),
     ],
 )
 def test_teacher_relation_names_the_situation(changes: dict[str, object], kind: str) -> None:
@@ -171,6 +176,11 @@ def test_teacher_relation_facts() -> None:
     assert any("less accurate" in fact and "0.6000 vs 0.7000" in fact for fact in facts)
     assert any("epoch 3 of 30" in fact for fact in facts)
     assert relation(teacher_arch="small").facts() == ["same architecture"]
+    beyond = " ".join(relation(teacher_top1=0.6).facts())
+    assert "the gap exceeds its sampling noise ±0.0134 on 10000 test samples" in beyond
+    within = relation(teacher_top1=0.65, test_samples=240)
+    assert not within.less_accurate_teacher and within.accuracy_noise == pytest.approx(2 * (0.65 * 0.35 / 240 + 0.7 * 0.3 / 240) ** 0.5)
+    assert any(fact.startswith("teacher and student equally accurate within sampling noise ±0.0854 on 240") for fact in within.facts())
 
 
 # -- through the CLI --------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from kdcli.rundir import RunDir
 from kdcli.runtime import Runtime
 from kdcli.step import Batch
 from kdcli.teacher import FrozenTeacher, Normalization, Renormalization, Resize
-from kdcli.teacher_cache import CachedTeacher, FullLogits, TopKLogits, cache_key
+from kdcli.teacher_cache import CODECS, DEFAULT_CACHE_CODEC, CachedTeacher, LogitCodec, TopKLogits, cache_key
 
 DEFAULT_MODELS = {"teach": "cifar_resnet20", "distill": "cifar_resnet8"}
 MIXING_KEYS = ("mixup_alpha", "cutmix_alpha", "mix_prob")  # data keys a student does not take from its teacher
@@ -88,8 +88,7 @@ def resolve_run(config: RunConfig) -> RunSpec:
         raise UsageError(f"method {name!r} needs a teacher{note}: pass --teacher CKPT.safetensors")
     if method_cls.teacher_use == "none" and config.teacher is not None:
         raise UsageError(f"method {name!r} uses no teacher network{note}; drop --teacher")
-    if config.train.cache_teacher_topk is not None and not config.train.cache_teacher:
-        raise UsageError("train.cache_teacher_topk sets what the teacher cache keeps; add --cache-teacher")
+    _check_cache_settings(config.train)
     if config.train.cache_teacher and config.teacher is None:
         raise UsageError("train.cache_teacher (--cache-teacher) caches a teacher's outputs; pass --teacher CKPT.safetensors")
     if config.train.cache_teacher and is_timm_teacher(config.teacher):
@@ -114,6 +113,20 @@ def resolve_run(config: RunConfig) -> RunSpec:
         }
     )
     return RunSpec(resolved, method_cls, params)
+
+
+CACHE_SETTINGS = ("cache_teacher_codec", "cache_teacher_topk", "cache_teacher_temperature")
+
+
+def _check_cache_settings(train: TrainConfig) -> None:
+    """The cache's settings only with the cache, and one way of keeping a row: every logit by a codec, or the top k."""
+    given = [name for name in CACHE_SETTINGS if getattr(train, name) is not None]
+    if given and not train.cache_teacher:
+        raise UsageError(f"train.{given[0]} sets what the teacher cache keeps; add --cache-teacher")
+    if train.cache_teacher_topk is not None and train.cache_teacher_codec is not None:
+        raise UsageError("train.cache_teacher_topk keeps the top k logits instead of every logit: drop train.cache_teacher_codec")
+    if train.cache_teacher_topk is None and train.cache_teacher_temperature is not None:
+        raise UsageError("train.cache_teacher_temperature is the temperature of a top-k table: add train.cache_teacher_topk=K")
 
 
 def _check_mixing(config: RunConfig, name: str, method_cls: type[Method]) -> None:
@@ -191,19 +204,29 @@ def teacher_source(
         return FrozenTeacher(network, renormalize, resize)
     assert resize is None  # resolve_run refuses a cache for timm teachers, the only ones resized
     assert config.teacher is not None  # RunConfig refuses a cache without a teacher
-    topk = config.train.cache_teacher_topk
-    key = cache_key(config.teacher, data.train, data.augment, seed=config.train.seed, precision=str(runtime.autocast_dtype), topk=topk)
+    codec = teacher_codec(config)
+    key = cache_key(config.teacher, data.train, data.augment, seed=config.train.seed, precision=str(runtime.autocast_dtype), codec=codec)
     return CachedTeacher(
         network,
         teacher_path=config.teacher,
         key=key,
         num_samples=len(data.train),
         per_epoch=data.augment.is_random,
-        codec=FullLogits() if topk is None else TopKLogits(topk),
+        codec=codec,
         renormalize=renormalize,
         all_reduce_sum=runtime.all_reduce_sum,
         writes=runtime.is_main,
     )
+
+
+def teacher_codec(config: RunConfig) -> LogitCodec:
+    """How the cache keeps a row: every logit by ``cache_teacher_codec``, or the top k with the tail exact at the
+    method's temperature (``cache_teacher_temperature`` overrides; a method without one is read at temperature 1)."""
+    train = config.train
+    if train.cache_teacher_topk is None:
+        return CODECS[train.cache_teacher_codec or DEFAULT_CACHE_CODEC]()
+    temperature = train.cache_teacher_temperature or float(config.method.params.get("temperature", 1.0))
+    return TopKLogits(train.cache_teacher_topk, temperature)
 
 
 def teacher_lineage(path: Path) -> dict[str, Any]:

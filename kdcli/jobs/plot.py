@@ -74,7 +74,7 @@ def _draw(axes: Any, panel: Panel, sets: list[ResultSet]) -> None:
             axes.plot(epochs, means, linestyle=style, marker="o", markersize=3, color=colour)
             if result.is_group:
                 axes.fill_between(epochs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], color=colour, alpha=0.15)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one epoch: tick 1, not 0.945 ... 1.065
     axes.set_title(panel.title, fontsize="medium")
     axes.set_xlabel("epoch")
     axes.grid(alpha=0.3)

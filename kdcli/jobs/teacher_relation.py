@@ -11,12 +11,17 @@ its own run, and both networks' test accuracy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import nn
 
 from kdcli.checkpoint import CheckpointInfo
+
+
+# A top-1 gap counts only beyond this many standard errors of the difference (about 95 % one-sided at 2).
+NOISE_STANDARD_ERRORS = 2.0
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -33,11 +38,12 @@ class TeacherRelation:
     teacher_run_epochs: int | None  # planned epochs of the run that wrote the checkpoint, when recorded
     teacher_top1: float
     student_top1: float
+    test_samples: int  # the size of the test split both accuracies come from
 
     @classmethod
     def of(
         cls, teacher: nn.Module, info: CheckpointInfo, student: nn.Module, student_arch: str,
-        teacher_top1: float, student_top1: float,
+        teacher_top1: float, student_top1: float, test_samples: int,
     ) -> TeacherRelation:
         planned = info.config.get("train", {}).get("epochs")
         return cls(
@@ -49,6 +55,7 @@ class TeacherRelation:
             teacher_run_epochs=planned if isinstance(planned, int) else None,
             teacher_top1=teacher_top1,
             student_top1=student_top1,
+            test_samples=test_samples,
         )
 
     @property
@@ -60,8 +67,19 @@ class TeacherRelation:
         return self.teacher_params < self.student_params
 
     @property
+    def accuracy_noise(self) -> float:
+        """NOISE_STANDARD_ERRORS standard errors of the student-minus-teacher top-1 on ``test_samples`` samples.
+
+        The two accuracies are treated as independent; both models are scored on
+        the same images, which correlates them, so this overstates the noise
+        (a label needs a clear gap)."""
+        variance = sum(top1 * (1 - top1) for top1 in (self.teacher_top1, self.student_top1)) / max(self.test_samples, 1)
+        return NOISE_STANDARD_ERRORS * math.sqrt(variance)
+
+    @property
     def less_accurate_teacher(self) -> bool:
-        return self.teacher_top1 < self.student_top1
+        """Less accurate beyond sampling noise: a gap of a few test samples is no evidence of a poorly trained teacher."""
+        return self.student_top1 - self.teacher_top1 > self.accuracy_noise
 
     @property
     def early_checkpoint(self) -> bool:
@@ -89,8 +107,12 @@ class TeacherRelation:
         facts = ["same architecture" if self.same_architecture else f"{self.teacher_arch} teaches {self.student_arch}"]
         if self.smaller_teacher:
             facts.append(f"teacher has fewer parameters ({_millions(self.teacher_params)} vs {_millions(self.student_params)})")
+        accuracies = f"test top-1 {self.teacher_top1:.4f} vs {self.student_top1:.4f}"
+        noise = f"sampling noise ±{self.accuracy_noise:.4f} on {self.test_samples} test samples"
         if self.less_accurate_teacher:
-            facts.append(f"teacher less accurate than the student (test top-1 {self.teacher_top1:.4f} vs {self.student_top1:.4f})")
+            facts.append(f"teacher less accurate than the student ({accuracies}; the gap exceeds its {noise})")
+        elif self.teacher_top1 < self.student_top1:
+            facts.append(f"teacher and student equally accurate within {noise} ({accuracies})")
         if self.early_checkpoint:
             facts.append(f"teacher is an early checkpoint (epoch {self.teacher_epoch} of {self.teacher_run_epochs})")
         return facts
@@ -102,6 +124,7 @@ class TeacherRelation:
             "same_architecture": self.same_architecture,
             "smaller_teacher": self.smaller_teacher,
             "less_accurate_teacher": self.less_accurate_teacher,
+            "accuracy_noise": self.accuracy_noise,
             "early_checkpoint": self.early_checkpoint,
             "facts": self.facts(),
         }

@@ -13,6 +13,7 @@ from torch import nn
 from kdcli.checkpoint import CheckpointInfo, load_checkpoint
 from kdcli.config import RunConfig, load_resolved_config
 from kdcli.data.bundle import DataBundle, ImageSplit
+from kdcli.data.stream import FileSplit
 from kdcli.inference import predict
 from kdcli.jobs.build import RunSpec, TrainingParts, build_training, resolve_run
 from kdcli.jobs.common import check_fits, is_timm_teacher, load_data, load_teacher, pretrained_resize, require_model, training_data
@@ -148,11 +149,22 @@ def plan_training(config: RunConfig, out: Path, *, overwrite: bool = False) -> d
                 "name": bundle.name, "num_classes": bundle.num_classes, "input_size": list(bundle.input_size),
                 "mean": list(bundle.mean), "std": list(bundle.std),
                 "num_train": len(data.train), "num_val": 0 if data.val is None else len(data.val), "num_test": len(bundle.test),
+                **data_storage(bundle),
             },
             "steps_per_epoch": per_epoch,
             "total_steps": per_epoch * spec.config.train.epochs,
         },
     }
+
+
+def data_storage(bundle: DataBundle) -> dict[str, Any]:
+    """Whether the splits are held in memory (decoded uint8, with their size) or streamed from files (by how many workers)."""
+    splits = (bundle.train, bundle.test)
+    if all(isinstance(split, ImageSplit) for split in splits):
+        size = sum(split.images.numel() * split.images.element_size() for split in splits)
+        return {"storage": "in memory", "memory_bytes": size}
+    workers = max(split.workers for split in splits if isinstance(split, FileSplit))
+    return {"storage": "streamed from files", "workers": workers}
 
 
 def _check_teacher_fits(info: CheckpointInfo, bundle: DataBundle, source: Path) -> None:
@@ -316,7 +328,9 @@ def _summarize(
         own = (teacher_info.mean, teacher_info.std)
         teacher_logits = _logits(teacher, bundle.test, own, runtime, batch_size, parts.teacher.resize)
         teacher_test = classification_report(teacher_logits, bundle.test.targets)
-        relation = TeacherRelation.of(teacher, teacher_info, trainer.student, spec.model_name, teacher_test["top1"], test["top1"])
+        relation = TeacherRelation.of(
+            teacher, teacher_info, trainer.student, spec.model_name, teacher_test["top1"], test["top1"], len(bundle.test)
+        )
     return TrainingSummary(
         run_dir=run_dir.root,
         is_main=runtime.is_main,

@@ -1,4 +1,10 @@
-"""Model creation: any timm model by name, including the CIFAR zoo registered into timm."""
+"""Model creation: any timm model by name, including the CIFAR zoo registered into timm.
+
+Importing this package registers the whole zoo, so ``timm.create_model("cifar_vgg8")``
+works right after ``import kdcli.models`` (the load hint ``kdcli export`` prints and
+its model card rely on it). The CLI imports it only when a command builds a model,
+so ``kdcli --help`` still imports no torch.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,17 @@ import timm
 from torch import nn
 
 from kdcli.errors import unknown_name
+
+# Each module's @register_model factories join timm's registry on import (the entry points name the same modules).
+from kdcli.models import (  # noqa: F401
+    cifar_mobilenetv2,
+    cifar_resnet,
+    cifar_resnet50,
+    cifar_shufflenetv1,
+    cifar_shufflenetv2,
+    cifar_vgg,
+    cifar_wrn,
+)
 
 
 def create_model(name: str, *, num_classes: int, input_size: tuple[int, int, int]) -> nn.Module:
