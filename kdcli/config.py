@@ -124,6 +124,14 @@ class OptimConfig(StrictModel):
     nesterov: bool = False
     weight_decay: NonNegativeFloat = 5e-4
     grad_clip: PositiveFloat | None = Field(None, description="Max gradient norm (None = no clipping).")
+    no_decay_norm_bias: bool = Field(
+        True, description="No weight decay on norm weights, biases and other 1-d parameters (timm's and most recipes' rule)."
+    )
+    layer_decay: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="Layer-wise lr decay: each student layer group below the head gets lr x layer_decay^depth "
+        "(timm's grouping, e.g. 0.75 for ViT fine-tuning); None = one lr.",
+    )
 
 
 class ScheduleConfig(StrictModel):
@@ -153,6 +161,15 @@ class TrainConfig(StrictModel):
         description="On a NaN/inf loss term: stop (naming epoch, step and term; the last checkpoint stays) "
         "or skip the step's update and count it (mixed precision).",
     )
+    ema_decay: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="Keep an EMA of the student's weights (timm's ModelEmaV3) with this decay, e.g. 0.999; evaluated "
+        "each epoch (ema_val_top1) and saved as ema.safetensors.  None = no EMA.",
+    )
+    accumulate_steps: PositiveInt = Field(
+        1, description="Micro-batches per optimizer step: train.batch_size is split into this many (gradient accumulation)."
+    )
+    sync_bn: bool = Field(False, description="Under torchrun on CUDA: batch-norm statistics over every process's batch (SyncBatchNorm).")
     cache_teacher: bool = Field(
         False, description="Compute the teacher's logits once and reuse them (stored next to the teacher checkpoint)."
     )

@@ -24,6 +24,7 @@ from kdcli.registry import check_logger_names, get_method
 from kdcli.rundir import RunDir
 from kdcli.runtime import Runtime
 from kdcli.step import Batch
+from kdcli.sync_bn import check_sync_bn, with_sync_batch_norm
 from kdcli.teacher import FrozenTeacher, Normalization, Renormalization, Resize
 from kdcli.teacher_cache import CachedTeacher, FullLogits, TopKLogits, cache_key
 
@@ -98,6 +99,7 @@ def resolve_run(config: RunConfig) -> RunSpec:
             "drop --cache-teacher"
         )
     _check_mixing(config, name, method_cls)
+    check_sync_bn(config.train)
     check_logger_names(config.log.to)
     try:
         params = method_cls.Params.model_validate(config.method.params)
@@ -280,6 +282,7 @@ def build_training(
     config = spec.config
     torch.manual_seed(config.train.seed)
     student = runtime.place(new_model(spec.model_name, num_classes=bundle.num_classes, input_size=bundle.input_size), config.train)
+    student = with_sync_batch_norm(student, config.train, runtime)
     data = training_data(bundle, config.data)
     check_batches(student, spec.model_name, data, config.train, runtime)
     source = None if teacher is None else teacher_source(teacher, config, data, runtime, teacher_normalization, teacher_resize)
