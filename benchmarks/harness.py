@@ -66,6 +66,7 @@ def build_trainer(
     if spec.method.teacher_use != "none":
         if teacher_path is None:
             teacher = create_model(workload.teacher, num_classes=bundle.num_classes, input_size=bundle.input_size)
+            spec = spec.with_teacher(None)  # no file to record in the checkpoint lineage
         else:
             teacher, _ = model_from_checkpoint(teacher_path)
             spec = spec.with_teacher(teacher_path)

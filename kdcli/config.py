@@ -368,10 +368,22 @@ def build_config(
         raise UsageError(f"invalid config: {format_validation_error(exc)}") from None
 
 
+# Keys added since 0.2 whose default changed what a run does: a run saved without them keeps its old behaviour.
+PRE_KEY_BEHAVIOUR = {("optim", "no_decay_norm_bias"): False}
+
+
 def load_resolved_config(path: Path) -> RunConfig:
     """Read back a run's ``config.json``."""
     try:
-        return RunConfig.model_validate_json(path.read_text(encoding="utf-8"))
+        tree = json.loads(path.read_text(encoding="utf-8"))
+        for (section, key), value in PRE_KEY_BEHAVIOUR.items():
+            if isinstance(tree, dict) and isinstance(tree.get(section), dict):
+                tree[section].setdefault(key, value)
+        return RunConfig.model_validate(tree)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not a valid kdcli config: not JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise UsageError(f"{path} is not a valid kdcli config: nested too deeply") from None
     except FileNotFoundError:
         raise UsageError(f"{path.parent} is not a kdcli run directory (no config.json)") from None
     except UnicodeDecodeError as exc:

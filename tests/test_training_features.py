@@ -163,3 +163,25 @@ def test_sync_bn_under_torchrun_on_cpu_is_one_line_per_process(tmp_path: Path) -
     assert len(errors) == 2 and all("--sync-bn (train.sync_bn) needs CUDA devices" in line for line in errors), completed.stderr[-3000:]
     # torchrun reports its failed workers with a traceback of its own; no frame of kdcli's may appear.
     assert str(Path(kdcli.__file__).parent) not in completed.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_run_saved_before_parameter_groups_resumes_with_one_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kdcli 0.2 decayed every parameter and its config.json lacks optim.no_decay_norm_bias: it resumes as it started."""
+    from kdcli.engine import Trainer
+
+    out, original = tmp_path / "run", Trainer.train_epoch
+
+    def stop_in_epoch_2(self: Trainer, epoch: int) -> dict:
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_epoch", stop_in_epoch_2)
+        assert run_cli("teach", *SMALL, "--epochs", 2, "--set", "optim.no_decay_norm_bias=false", "--out", out).exit_code == 130
+    config = json.loads((out / "config.json").read_text())
+    del config["optim"]["no_decay_norm_bias"]
+    (out / "config.json").write_text(json.dumps(config))
+    resumed = run_cli("teach", "--resume", out, "-q")
+    assert resumed.exit_code == 0, resumed
+    assert len(load_state(out / "resume.safetensors")["optimizer"]["param_groups"]) == 1
