@@ -25,16 +25,16 @@ def parameter_groups(trainable: nn.Module, student: nn.Module, optim: OptimConfi
     """
     if optim.layer_decay is None and not optim.no_decay_norm_bias:
         return [{"params": [parameter for parameter in trainable.parameters() if parameter.requires_grad], "lr": optim.lr}]
-    groups = param_groups_weight_decay(trainable, optim.weight_decay, weight_decay_exclude_1d=optim.no_decay_norm_bias)
+    groups = param_groups_weight_decay(trainable, optim.weight_decay)
     if optim.layer_decay is not None:
         groups = _student_layer_groups(student, optim) + _without(groups, set(map(id, student.parameters())))
+    if not optim.no_decay_norm_bias:  # layer groups only: every parameter decays
+        groups = [{**group, "weight_decay": optim.weight_decay} for group in groups]
     return [{**group, "lr": optim.lr * group.pop("lr_scale", 1.0)} for group in groups]
 
 
 def _student_layer_groups(student: nn.Module, optim: OptimConfig) -> list[ParamGroup]:
-    groups = param_groups_layer_decay(
-        student, optim.weight_decay, layer_decay=optim.layer_decay, weight_decay_exclude_1d=optim.no_decay_norm_bias
-    )
+    groups = param_groups_layer_decay(student, optim.weight_decay, layer_decay=optim.layer_decay)
     if len({group["lr_scale"] for group in groups}) < 2:
         name = getattr(student, "pretrained_cfg", {}).get("architecture", type(student).__name__)
         raise UsageError(f"optim.layer_decay: timm cannot group the layers of {name} (it has no group_matcher); drop optim.layer_decay")

@@ -59,6 +59,9 @@ def test_layer_decay_scales_the_lr_from_the_head_down() -> None:
     assert lr_of[id(model.fc.weight)] == 0.1  # the head keeps the peak lr
     assert lr_of[id(model.conv1.weight)] < lr_of[id(model.layer3[0].conv1.weight)] < 0.1
     assert {round(math.log(lr / 0.1, 0.5), 6) for lr in lr_of.values()} == set(map(float, range(len(set(lr_of.values())))))
+    assert {group["weight_decay"] for group in groups} == {0.0, 5e-4}
+    decayed = parameter_groups(model, model, OptimConfig(lr=0.1, layer_decay=0.5, no_decay_norm_bias=False))
+    assert {group["weight_decay"] for group in decayed} == {5e-4}
 
 
 def test_layer_decay_refused_where_timm_cannot_group_the_layers() -> None:
