@@ -80,6 +80,7 @@ BAD_INVOCATIONS = {
     "teach-out-is-a-file": (["teach", "--out", "{tmp}/file.txt", *TINY], 2, "exists and is not a directory"),
     "teach-accumulate-zero": (["teach", "--accumulate", "0"], 2, "train.accumulate_steps"),
     "teach-accumulate-uneven": (["teach", "--accumulate", "5", *TINY], 2, "do not split into 5 equal micro-batches"),
+    "teach-accumulate-to-single-samples": (["teach", "--accumulate", "48", *TINY], 2, "in 48 micro-batches gives each process batches of 1 sample"),
     "teach-ema-above-1": (["teach", "--ema", "1.5"], 2, "train.ema_decay"),
     "teach-ema-zero": (["teach", "--ema", "0"], 2, "train.ema_decay"),
     "teach-ema-negative": (["teach", "--ema", "-0.5"], 2, "train.ema_decay"),

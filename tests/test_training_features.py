@@ -188,3 +188,40 @@ def test_a_run_saved_before_parameter_groups_resumes_with_one_group(tmp_path: Pa
     resumed = run_cli("teach", "--resume", out, "-q")
     assert resumed.exit_code == 0, resumed
     assert len(load_state(out / "resume.safetensors")["optimizer"]["param_groups"]) == 1
+
+
+def test_all_but_a_groups_last_micro_step_skip_the_all_reduce(tmp_path: Path) -> None:
+    """``Updater.syncing`` finds DDP (under ``torch.compile``'s wrapper too) and turns its gradient sync off inside a group."""
+    import torch.distributed as dist
+
+    from kdcli.update import Updater
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        update = Updater(optimizer, None, torch.amp.GradScaler("cpu", enabled=False), OptimConfig(), every=3, micro_batch=4, micro_steps=7)
+        syncs = []
+        for wrapped in (ddp, torch.compile(ddp)):
+            update.begin_epoch(0)
+            for _ in range(7):  # groups of 3, 3 and a short one of 1
+                with update.syncing(wrapped):
+                    syncs.append(ddp.require_backward_grad_sync)
+                update.step += 1
+        assert syncs == [False, False, True, False, False, True, True] * 2
+    finally:
+        dist.destroy_process_group()
+
+
+def test_accumulation_under_torchrun_matches_one_process(tmp_path: Path) -> None:
+    """2 gloo processes, each with 2 micro-batches of 6 a step (no_sync on the first), reach the weights of 1 process
+    taking whole batches of 24."""
+    args = [*VIT[:-1], "--set", "data.synthetic.num_train=240", "--batch-size", "24", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for command, out in (([*launcher, "-m", "kdcli", *args, "--accumulate", "2"], "two"), ([sys.executable, "-m", "kdcli", *args], "one")):
+        completed = subprocess.run([*command, "--out", str(tmp_path / out)], capture_output=True, text=True, env=env, timeout=300)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+    one, two = (safetensors.torch.load_file(tmp_path / run / "last.safetensors") for run in ("one", "two"))
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -25,6 +25,7 @@ from kdcli.rundir import RunDir
 from kdcli.runtime import Runtime
 from kdcli.step import Batch
 from kdcli.sync_bn import check_sync_bn, with_sync_batch_norm
+from kdcli.update import micro_batch_size
 from kdcli.teacher import FrozenTeacher, Normalization, Renormalization, Resize
 from kdcli.teacher_cache import CachedTeacher, FullLogits, TopKLogits, cache_key
 
@@ -238,11 +239,12 @@ def checkpoint_template(spec: RunSpec, bundle: DataBundle) -> CheckpointInfo:
 
 def check_batches(student: nn.Module, model_name: str, data: TrainingData, train: TrainConfig, runtime: Runtime) -> None:
     """Refuse an epoch without a step, and batches of one sample for a model with batch norm (it cannot train on them)."""
-    per_rank = runtime.per_rank_batch_size(train.batch_size)
+    per_rank = micro_batch_size(train, runtime)
     has_batch_norm = any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in student.modules())
     if per_rank == 1 and has_batch_norm:
+        split = f" in {train.accumulate_steps} micro-batches" if train.accumulate_steps > 1 else ""
         raise UsageError(
-            f"train.batch_size {train.batch_size} gives each process batches of 1 sample; "
+            f"train.batch_size {train.batch_size}{split} gives each process batches of 1 sample; "
             f"the batch-norm layers of {model_name} need at least 2 to train"
         )
     if len(training_loader(data, train, runtime)) == 0:
