@@ -17,13 +17,34 @@ from torch import nn
 EMA_PREFIX = "ema_"  # the EMA's validation numbers in an epoch record: ema_val_top1 beside val_top1
 
 
+class _PairedEma(ModelEmaV3):
+    """timm's ModelEmaV3 with its (average, student) tensor pairs found once instead of by two ``state_dict()``
+    walks every step, which are about 90 % of an update's time on a small model (0.43 ms vs 0.05 ms, cifar_resnet8)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__(model, decay=decay)
+        self._pairs: tuple[list[torch.Tensor], ...] | None = None
+
+    def apply_update_(self, model: nn.Module, decay: float) -> None:
+        if self._pairs is None:
+            # keep_vars: the Parameter objects themselves, so a later ``param.data = ...`` is still seen.
+            pairs = list(zip(self.module.state_dict(keep_vars=True).values(), model.state_dict(keep_vars=True).values(), strict=True))
+            floating = [pair for pair in pairs if pair[0].is_floating_point()]
+            exact = [pair for pair in pairs if not pair[0].is_floating_point()]  # counters: copied
+            self._pairs = ([a for a, _ in floating], [m for _, m in floating], [a for a, _ in exact], [m for _, m in exact])
+        averages, currents, copies, sources = self._pairs
+        self._foreach_lerp_(averages, currents, weight=1.0 - decay)
+        for copy, source in zip(copies, sources):
+            copy.copy_(source)
+
+
 class StudentEma:
     """A copy of ``student`` (in eval mode) whose floating weights and buffers follow it with ``decay``."""
 
     def __init__(self, student: nn.Module, decay: float) -> None:
         # A fixed decay and the student's own dtype (fp32 under autocast): no step count and no
         # stochastic rounding, so the state is just the averaged weights.
-        self.average = ModelEmaV3(student, decay=decay)
+        self.average = _PairedEma(student, decay=decay)
         self.module: nn.Module = self.average.module
 
     def update(self, student: nn.Module) -> None:

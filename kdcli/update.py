@@ -12,8 +12,7 @@ batch does without accumulation.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +46,7 @@ class Updater:
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        scheduler: Any,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
         scaler: torch.amp.GradScaler,
         optim: OptimConfig,
         *,
@@ -73,7 +72,7 @@ class Updater:
         """Whether the next micro-step opens a group: the only place a run can stop and resume exactly."""
         return self.step % self.every == 0
 
-    def syncing(self, model: nn.Module) -> Any:
+    def syncing(self, model: nn.Module) -> AbstractContextManager[None]:
         """Under DDP every micro-step but a group's last keeps its gradients local (``no_sync``)."""
         wrapped = _ddp_inside(model)
         return nullcontext() if wrapped is None or self._ends_group() else wrapped.no_sync()

@@ -85,6 +85,24 @@ def test_the_schedule_drives_every_group(tmp_path: Path) -> None:
 # -- EMA --------------------------------------------------------------------------------
 
 
+def test_ema_update_equals_timms_model_ema_v3() -> None:
+    """StudentEma pairs its tensors once instead of walking two state dicts a step: the same numbers, bit for bit."""
+    from timm.utils import ModelEmaV3
+
+    from kdcli.ema import StudentEma
+
+    student = resnet8()
+    ours, timms = StudentEma(student, 0.9), ModelEmaV3(student, decay=0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            for tensor in student.state_dict().values():
+                tensor.add_(torch.randn_like(tensor) if tensor.is_floating_point() else torch.ones_like(tensor))
+        ours.update(student)
+        timms.update(student)
+    for (name, value), expected in zip(ours.state_dict().items(), timms.module.state_dict().values(), strict=True):
+        assert torch.equal(value, expected), name
+
+
 def test_ema_is_evaluated_saved_and_a_normal_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert run_cli("teach", *SMALL, "--epochs", 2, "--ema", "0.9", "--out", out).exit_code == 0
@@ -200,7 +218,8 @@ def test_all_but_a_groups_last_micro_step_skip_the_all_reduce(tmp_path: Path) ->
     try:
         ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        update = Updater(optimizer, None, torch.amp.GradScaler("cpu", enabled=False), OptimConfig(), every=3, micro_batch=4, micro_steps=7)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        update = Updater(optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), OptimConfig(), every=3, micro_batch=4, micro_steps=7)
         syncs = []
         for wrapped in (ddp, torch.compile(ddp)):
             update.begin_epoch(0)
