@@ -127,7 +127,7 @@ class MethodContext:
     num_classes: int
     num_train: int  # samples in the training split (size of per-sample banks)
     epochs: int
-    steps_per_epoch: int  # training_step calls (micro-batches with train.accumulate_steps > 1)
+    steps_per_epoch: int
     device: torch.device
     mean: tuple[float, ...]
     std: tuple[float, ...]
