@@ -235,7 +235,7 @@ def test_all_but_a_groups_last_micro_step_skip_the_all_reduce(tmp_path: Path) ->
 def test_accumulation_under_torchrun_matches_one_process(tmp_path: Path) -> None:
     """2 gloo processes, each with 2 micro-batches of 6 a step (no_sync on the first), reach the weights of 1 process
     taking whole batches of 24."""
-    args = [*VIT[:-1], "--set", "data.synthetic.num_train=240", "--batch-size", "24", "--json"]
+    args = [*VIT[:-1], "--epochs", "1", "--set", "data.synthetic.num_train=240", "--batch-size", "24", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     for command, out in (([*launcher, "-m", "kdcli", *args, "--accumulate", "2"], "two"), ([sys.executable, "-m", "kdcli", *args], "one")):
