@@ -26,6 +26,6 @@ def with_sync_batch_norm(student: nn.Module, train: TrainConfig, runtime: Runtim
     if not train.sync_bn:
         return student
     if runtime.device.type != "cuda":
-        # torch's SyncBatchNorm raises on CPU tensors in training (it gathers statistics with NCCL-style kernels).
+        # torch's SyncBatchNorm raises on CPU tensors in training: refused here, before anything is written.
         raise UsageError("--sync-bn (train.sync_bn) needs CUDA devices: torch's SyncBatchNorm does not train on the CPU; drop it")
     return nn.SyncBatchNorm.convert_sync_batchnorm(student)

@@ -25,9 +25,9 @@ from kdcli.rundir import RunDir
 from kdcli.runtime import Runtime
 from kdcli.step import Batch
 from kdcli.sync_bn import check_sync_bn, with_sync_batch_norm
-from kdcli.update import micro_batch_size
 from kdcli.teacher import FrozenTeacher, Normalization, Renormalization, Resize
 from kdcli.teacher_cache import CachedTeacher, FullLogits, TopKLogits, cache_key
+from kdcli.update import micro_batch_size
 
 DEFAULT_MODELS = {"teach": "cifar_resnet20", "distill": "cifar_resnet8"}
 MIXING_KEYS = ("mixup_alpha", "cutmix_alpha", "mix_prob")  # data keys a student does not take from its teacher
