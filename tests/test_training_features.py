@@ -244,3 +244,22 @@ def test_accumulation_under_torchrun_matches_one_process(tmp_path: Path) -> None
     one, two = (safetensors.torch.load_file(tmp_path / run / "last.safetensors") for run in ("one", "two"))
     for key, value in one.items():
         torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_nonfinite_micro_step_drops_its_whole_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With train.nonfinite_loss=skip, a NaN in one micro-batch drops the update of its group: the finite micro-batch
+    beside it changes nothing, so poisoning one or both micro-batches of a group ends in the same weights."""
+    from kdcli_plugins.standard import Standard
+    from test_fault_injection import poison_loss
+
+    args = ["teach", *SMALL, "--epochs", 1, "--accumulate", "2", "--set", "train.nonfinite_loss=skip", "--json"]
+    for name, poisoned in (("one", {3}), ("both", {3, 4})):  # micro-steps 3 and 4: the second group
+        with monkeypatch.context() as patch:
+            poison_loss(patch, Standard, "ce", poisoned)
+            result = run_cli(*args, "--out", tmp_path / name)
+        assert result.exit_code == 0, result
+        assert result.json()["skipped_steps"] == len(poisoned)  # micro-steps with a non-finite loss
+    one, both = (load_state(tmp_path / run / "resume.safetensors") for run in ("one", "both"))
+    assert one["scheduler"]["last_epoch"] == both["scheduler"]["last_epoch"] == 9  # every group counted, the dropped one too
+    for key, value in one["model"].items():
+        assert torch.equal(value, both["model"][key]), key
