@@ -174,6 +174,9 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JS
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-epoch lines.")]
 SeedsOption = Annotated[Optional[str], typer.Option("--seeds", help="Train once per seed into RUN_DIR/seed-N and print mean ± std: 0,1,2 or 0-4 (rerun to continue).", show_default=False)]
 LogOption = Annotated[Optional[str], typer.Option("--log", help="Experiment trackers, comma-separated: tensorboard, wandb, mlflow (log.to; each its own extra).", show_default=False)]
+EmaOption = Annotated[Optional[float], typer.Option("--ema", metavar="DECAY", help="Keep an EMA of the student with this decay (e.g. 0.999): evaluated each epoch, saved as ema.safetensors (train.ema_decay).", show_default=False)]
+AccumulateOption = Annotated[Optional[int], typer.Option("--accumulate", metavar="N", help="Split each step's batch into N micro-batches, one optimizer step per N (train.accumulate_steps).", show_default=False)]
+SyncBnOption = Annotated[bool, typer.Option("--sync-bn", help="Under torchrun on CUDA: batch-norm statistics over every process's batch (train.sync_bn).")]
 CacheTeacherOption = Annotated[bool, typer.Option("--cache-teacher", help="Compute the teacher's logits once and reuse them across epochs and runs (train.cache_teacher).")]
 
 
@@ -212,6 +215,9 @@ class TrainingFlags:
     out: OutOption = None
     resume: ResumeOption = _with_resume()
     overwrite: OverwriteOption = False
+    ema: EmaOption = _sets("train", "ema_decay")
+    accumulate: AccumulateOption = _sets("train", "accumulate_steps")
+    sync_bn: SyncBnOption = _sets("train", "sync_bn", False)
     cache_teacher: CacheTeacherOption = _sets("train", "cache_teacher", False)
     dry_run: DryRunOption = False
     log: LogOption = _sets("log", "to")

@@ -124,6 +124,14 @@ class OptimConfig(StrictModel):
     nesterov: bool = False
     weight_decay: NonNegativeFloat = 5e-4
     grad_clip: PositiveFloat | None = Field(None, description="Max gradient norm (None = no clipping).")
+    no_decay_norm_bias: bool = Field(
+        True, description="No weight decay on norm weights, biases and other 1-d parameters (timm's and most recipes' rule)."
+    )
+    layer_decay: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="Layer-wise lr decay: each student layer group below the head gets lr x layer_decay^depth "
+        "(timm's grouping, e.g. 0.75 for ViT fine-tuning); None = one lr.",
+    )
 
 
 class ScheduleConfig(StrictModel):
@@ -158,6 +166,15 @@ class TrainConfig(StrictModel):
         description="On a NaN/inf loss term: stop (naming epoch, step and term; the last checkpoint stays) "
         "or skip the step's update and count it (mixed precision).",
     )
+    ema_decay: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="Keep an EMA of the student's weights (timm's ModelEmaV3) with this decay, e.g. 0.999; evaluated "
+        "each epoch (ema_val_top1) and saved as ema.safetensors.  None = no EMA.",
+    )
+    accumulate_steps: PositiveInt = Field(
+        1, description="Micro-batches per optimizer step: train.batch_size is split into this many (gradient accumulation)."
+    )
+    sync_bn: bool = Field(False, description="Under torchrun on CUDA: batch-norm statistics over every process's batch (SyncBatchNorm).")
     cache_teacher: bool = Field(
         False, description="Compute the teacher's logits once and reuse them (stored next to the teacher checkpoint)."
     )
@@ -366,10 +383,22 @@ def build_config(
         raise UsageError(f"invalid config: {format_validation_error(exc)}") from None
 
 
+# Keys added since 0.2 whose default changed what a run does: a run saved without them keeps its old behaviour.
+PRE_KEY_BEHAVIOUR = {("optim", "no_decay_norm_bias"): False}
+
+
 def load_resolved_config(path: Path) -> RunConfig:
     """Read back a run's ``config.json``."""
     try:
-        return RunConfig.model_validate_json(path.read_text(encoding="utf-8"))
+        tree = json.loads(path.read_text(encoding="utf-8"))
+        for (section, key), value in PRE_KEY_BEHAVIOUR.items():
+            if isinstance(tree, dict) and isinstance(tree.get(section), dict):
+                tree[section].setdefault(key, value)
+        return RunConfig.model_validate(tree)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not a valid kdcli config: not JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise UsageError(f"{path} is not a valid kdcli config: nested too deeply") from None
     except FileNotFoundError:
         raise UsageError(f"{path.parent} is not a kdcli run directory (no config.json)") from None
     except UnicodeDecodeError as exc:

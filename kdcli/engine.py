@@ -23,10 +23,11 @@ from kdcli.config import RunConfig, TrainConfig
 from kdcli.data.augment import normalize
 from kdcli.data.loading import Augment, EpochBatches, Split, split_loader, training_epochs
 from kdcli.data.mixing import BatchMixing, MixedEpochs
+from kdcli.ema import StudentEma, ema_metrics, ema_scores
 from kdcli.errors import KdcliError, ResumeHint
 from kdcli.guards import FiniteWatch, NonFiniteLoss, StopSignals, finite_flags, nonfinite_message
 from kdcli.method import Method
-from kdcli.optim import build_optimizer, build_scheduler
+from kdcli.optim import build_optimizer, build_scheduler, parameter_groups
 from kdcli.progress import PROGRESS_REFRESH_STEPS, TrainingConsole
 from kdcli.resume import NO_BEST, ResumeState
 from kdcli.rundir import RunDir
@@ -35,6 +36,7 @@ from kdcli.seeds import epoch_seed
 from kdcli.step import Batch, StepOutput
 from kdcli.tally import EpochTally
 from kdcli.task import TrainableTask
+from kdcli.update import Updater, micro_batch_size, optimizer_steps
 
 
 @dataclass
@@ -59,9 +61,9 @@ class EpochObserver(Protocol):
 
 
 def training_loader(data: TrainingData, train: TrainConfig, runtime: Runtime) -> EpochBatches:
-    """This process's shard of every epoch, in the seeded order of ``train.seed``, augmented (and mixed)."""
+    """This process's shard of every epoch, in the seeded order of ``train.seed``, augmented (and mixed), in micro-batches."""
     epochs = training_epochs(
-        data.train, data.augment, batch_size=runtime.per_rank_batch_size(train.batch_size), device=runtime.device,
+        data.train, data.augment, batch_size=micro_batch_size(train, runtime), device=runtime.device,
         seed=train.seed, num_replicas=runtime.world_size, rank=runtime.rank,
     )
     return epochs if data.mixing is None else MixedEpochs(epochs, data.mixing, seed=train.seed, rank=runtime.rank)
@@ -92,7 +94,6 @@ class Trainer:
         self.task = TrainableTask(method)
         self.student = self.task.student
         self.model = runtime.wrap(self.task, config.train)  # the one wrapped module whose forward is a step
-        self.parameters = list(self.task.parameters())
         train = config.train
         self.train_loader = training_loader(data, train, runtime)
         self.val_loader = None if data.val is None else split_loader(
@@ -100,12 +101,19 @@ class Trainer:
             num_replicas=runtime.world_size, rank=runtime.rank,
         )
         self.optimizer = build_optimizer(
-            [p for p in self.parameters if p.requires_grad], config.optim, fused=runtime.device.type == "cuda"
+            parameter_groups(self.task, self.student, config.optim), config.optim, fused=runtime.device.type == "cuda"
         )
-        self.scheduler = build_scheduler(self.optimizer, config.schedule, epochs=train.epochs, steps_per_epoch=len(self.train_loader))
+        self.scheduler = build_scheduler(
+            self.optimizer, config.schedule, epochs=train.epochs, steps_per_epoch=optimizer_steps(len(self.train_loader), train)
+        )
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.autocast_dtype is torch.float16)
+        self.ema = None if train.ema_decay is None else StudentEma(self.student, train.ema_decay)
+        self.update = Updater(
+            self.optimizer, self.scheduler, self.scaler, config.optim, every=train.accumulate_steps,
+            micro_batch=micro_batch_size(train, runtime), micro_steps=len(self.train_loader), ema=self.ema, student=self.student,
+        )
         self.resume_state = ResumeState(
-            self.student, self.optimizer, self.scheduler, self.scaler, method, runtime, train.epochs, len(self.train_loader)
+            self.student, self.optimizer, self.scheduler, self.scaler, method, runtime, train.epochs, len(self.train_loader), self.ema
         )
         self.history: list[dict[str, Any]] = []
         self.best = dict(NO_BEST)
@@ -186,11 +194,13 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         tally = self._start_epoch(epoch)
+        self.update.begin_epoch(tally.step)
         steps = len(self.train_loader)
         started = time.perf_counter()
         with self.console.epoch_bar(epoch, self.config.train.epochs, steps, tally.step) as bar:
             for inputs, targets, index in self.train_loader.batches(epoch, tally.step):
-                if self._stop_agreed(tally.step):
+                # A run stops only between optimizer steps: accumulated gradients are not part of a resume state.
+                if self.update.at_group_start() and self._stop_agreed(tally.step // self.update.every):
                     self._stop_inside_epoch(epoch, tally, started)
                 if self.config.train.channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -198,6 +208,7 @@ class Trainer:
                 if tally.step % PROGRESS_REFRESH_STEPS == 0 or tally.step == steps:
                     self._check_finite(epoch)
                     bar.advance(tally.step, *tally.running())
+        self.update.end_epoch()
         tally.elapsed += time.perf_counter() - started
         record = tally.record(epoch, self.runtime)
         if data_stats := self.train_loader.epoch_stats():
@@ -213,7 +224,7 @@ class Trainer:
         for observer in self.observers.values():
             observer.on_epoch_start(epoch)
         if self.position is None:
-            return EpochTally(lr=self.optimizer.param_groups[0]["lr"], correct=torch.zeros((), device=self.runtime.device))
+            return EpochTally(lr=max(group["lr"] for group in self.optimizer.param_groups), correct=torch.zeros((), device=self.runtime.device))
         # ``on_epoch_start`` re-created what a method derives from the epoch number; the saved
         # method state overrides whatever else it changed.  Augmentation is a function of
         # (seed, epoch, sample) and needs no state.
@@ -233,39 +244,40 @@ class Trainer:
             self.finite.watch(tally.step, output)
 
     def train_step(self, batch: Batch) -> StepOutput | None:
-        """One optimizer step; None when ``train.nonfinite_loss = skip`` dropped it for a non-finite loss."""
+        """One micro-step (an optimizer step after each ``train.accumulate_steps``); None when
+        ``train.nonfinite_loss = skip`` dropped it (and its group's update) for a non-finite loss."""
         if self.config.train.compile:
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs (reduce-overhead) may reuse the last step's output memory now
-        with self.runtime.autocast():
-            output = self.model(batch)
-        loss = sum(output.losses.values())
-        output.losses["total"] = loss
-        if self.config.train.nonfinite_loss == "skip" and self.runtime.any_rank(not bool(finite_flags(output).all())):
-            self.scheduler.step()  # the schedule counts every step, so later epochs keep their learning rates
-            return None
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.config.optim.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.parameters, self.config.optim.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        return output
+        with self.update.syncing(self.model):
+            with self.runtime.autocast():
+                output = self.model(batch)
+            loss = sum(output.losses.values())
+            output.losses["total"] = loss
+            dropped = self.config.train.nonfinite_loss == "skip" and self.runtime.any_rank(not bool(finite_flags(output).all()))
+            if not dropped:
+                self.update.backward(loss, batch.targets.shape[0])
+        self.update.finish(dropped=dropped)
+        return None if dropped else output
 
     def validate(self) -> dict[str, float]:
+        """The student's validation numbers, and its EMA's (``ema_val_top1``) when there is one."""
         if self.val_loader is None:
             return {}
-        self.student.eval()
+        scores = self._score(self.student)
+        return scores if self.ema is None else {**scores, **ema_scores(self._score(self.ema.module))}
+
+    def _score(self, model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
         totals = torch.zeros(3, device=self.runtime.device)  # correct, nll sum, count
         with torch.inference_mode(), self.runtime.autocast():
             for images, targets, _ in self.val_loader:
                 inputs = self.method.eval_inputs(normalize(images, self.data.mean, self.data.std))
-                logits = self.student(inputs).float()
+                logits = model(inputs).float()
                 totals[0] += logits.argmax(dim=1).eq(targets).sum()
                 totals[1] += nn.functional.cross_entropy(logits, targets, reduction="sum")
                 totals[2] += targets.shape[0]
-        self.student.train()
+        model.train(was_training)
         correct, nll, count = self.runtime.all_reduce_sum(totals).tolist()
         return {"val_top1": correct / count, "val_nll": nll / count}
 
@@ -355,6 +367,8 @@ class Trainer:
             save_checkpoint(self.run_dir.best_path, weights, info)
         if epoch % self.config.train.save_every == 0 or epoch == self.config.train.epochs:
             save_checkpoint(self.run_dir.epoch_checkpoint(epoch), weights, info)
+        if self.ema is not None:
+            save_checkpoint(self.run_dir.ema_path, self.ema.state_dict(), replace(info, metrics=ema_metrics(record)))
         self.run_dir.write_history(self.history)
 
 

@@ -20,7 +20,7 @@ from kdcli.errors import first_line
 from kdcli.runtime import Runtime
 from kdcli.tally import EpochTally
 
-STATE_KEYS = ("epoch", "model", "optimizer", "scheduler", "scaler", "method", "history", "best", "position")
+STATE_KEYS = ("epoch", "model", "optimizer", "scheduler", "scaler", "method", "history", "best", "position")  # and "ema" with --ema
 NO_BEST = {"epoch": 0, "val_top1": -1.0}
 
 
@@ -52,11 +52,12 @@ class ResumeState:
     method: Stateful
     runtime: Runtime
     epochs: int
-    steps_per_epoch: int
+    steps_per_epoch: int  # micro-batches
+    ema: Stateful | None = None  # the student's EMA (train.ema_decay)
 
     def build(self, epoch: int, history: list[dict[str, Any]], best: dict[str, Any], position: dict[str, Any] | None = None) -> dict[str, Any]:
         """Everything needed to continue after ``epoch`` (or, with ``position``, inside the next one)."""
-        return {
+        state = {
             "epoch": epoch,
             "model": self.student.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -67,6 +68,7 @@ class ResumeState:
             "best": best,
             "position": position,
         }
+        return state if self.ema is None else {**state, "ema": self.ema.state_dict()}
 
     def position(self, epoch: int, tally: EpochTally) -> dict[str, Any] | None:
         """Where inside ``epoch`` the run is: this process's tally and generators; under torchrun every
@@ -93,6 +95,8 @@ class ResumeState:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.method.load_state_dict(state["method"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         position = state["position"]
         for entry in [] if position is None else position.get("ranks", [position]):
             torch.Generator().set_state(entry["rng"]["torch"])  # fail here, not mid-epoch, on a state torch refuses
@@ -108,6 +112,7 @@ class ResumeState:
             lambda: self._optimizer_problem(state["optimizer"], template["optimizer"]),
             lambda: structure_mismatch(state["scheduler"], template["scheduler"], "scheduler"),
             lambda: structure_mismatch(state["scaler"], template["scaler"], "scaler"),
+            lambda: structure_mismatch(state.get("ema"), template.get("ema"), "ema"),
             lambda: _shared_tensors_mismatch(state["method"], template["method"], "method"),
             lambda: self._progress_problem(state),
         )

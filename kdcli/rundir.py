@@ -25,6 +25,7 @@ from kdcli.teacher_cache import CACHE_FOLDER
 MARKER = ".kdcli-run"  # written first into every run directory kdcli creates
 OWNED_FILES = (
     "config.json", "metrics.jsonl", "summary.json", "last.safetensors", "best.safetensors", "resume.safetensors", "resume-epoch.safetensors",
+    "ema.safetensors",
 )
 CHECKPOINT_PATTERN = "epoch_[0-9][0-9][0-9][0-9].safetensors"
 
@@ -35,7 +36,7 @@ class RunDirExists(UsageError):
 
 @dataclass
 class RunDir:
-    """``config.json``, ``metrics.jsonl``, ``summary.json``, ``last.safetensors``, ``best.safetensors``, ``resume.safetensors``, ``checkpoints/``.
+    """``config.json``, ``metrics.jsonl``, ``summary.json``, ``last.safetensors``, ``best.safetensors``, ``ema.safetensors``, ``resume.safetensors``, ``checkpoints/``.
 
     ``replaces`` is set while this run is staged beside the run it will replace.
     """
@@ -58,6 +59,11 @@ class RunDir:
     @property
     def best_path(self) -> Path:
         return self.root / "best.safetensors"
+
+    @property
+    def ema_path(self) -> Path:
+        """The student's EMA (``--ema``), a checkpoint like ``last.safetensors``."""
+        return self.root / "ema.safetensors"
 
     @property
     def resume_path(self) -> Path:

@@ -24,8 +24,10 @@ from kdcli.registry import check_logger_names, get_method
 from kdcli.rundir import RunDir
 from kdcli.runtime import Runtime
 from kdcli.step import Batch
+from kdcli.sync_bn import check_sync_bn, with_sync_batch_norm
 from kdcli.teacher import FrozenTeacher, Normalization, Renormalization, Resize
 from kdcli.teacher_cache import CODECS, DEFAULT_CACHE_CODEC, CachedTeacher, LogitCodec, TopKLogits, cache_key
+from kdcli.update import micro_batch_size
 
 DEFAULT_MODELS = {"teach": "cifar_resnet20", "distill": "cifar_resnet8"}
 MIXING_KEYS = ("mixup_alpha", "cutmix_alpha", "mix_prob")  # data keys a student does not take from its teacher
@@ -97,6 +99,7 @@ def resolve_run(config: RunConfig) -> RunSpec:
             "drop --cache-teacher"
         )
     _check_mixing(config, name, method_cls)
+    check_sync_bn(config.train)
     check_logger_names(config.log.to)
     try:
         params = method_cls.Params.model_validate(config.method.params)
@@ -259,11 +262,12 @@ def checkpoint_template(spec: RunSpec, bundle: DataBundle) -> CheckpointInfo:
 
 def check_batches(student: nn.Module, model_name: str, data: TrainingData, train: TrainConfig, runtime: Runtime) -> None:
     """Refuse an epoch without a step, and batches of one sample for a model with batch norm (it cannot train on them)."""
-    per_rank = runtime.per_rank_batch_size(train.batch_size)
+    per_rank = micro_batch_size(train, runtime)
     has_batch_norm = any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in student.modules())
     if per_rank == 1 and has_batch_norm:
+        split = f" in {train.accumulate_steps} micro-batches" if train.accumulate_steps > 1 else ""
         raise UsageError(
-            f"train.batch_size {train.batch_size} gives each process batches of 1 sample; "
+            f"train.batch_size {train.batch_size}{split} gives each process batches of 1 sample; "
             f"the batch-norm layers of {model_name} need at least 2 to train"
         )
     if len(training_loader(data, train, runtime)) == 0:
@@ -303,6 +307,7 @@ def build_training(
     config = spec.config
     torch.manual_seed(config.train.seed)
     student = runtime.place(new_model(spec.model_name, num_classes=bundle.num_classes, input_size=bundle.input_size), config.train)
+    student = with_sync_batch_norm(student, config.train, runtime)
     data = training_data(bundle, config.data)
     check_batches(student, spec.model_name, data, config.train, runtime)
     source = None if teacher is None else teacher_source(teacher, config, data, runtime, teacher_normalization, teacher_resize)
