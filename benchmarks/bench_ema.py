@@ -4,21 +4,19 @@ One real ``Trainer`` (KD, CIFAR-shaped synthetic data) built with an EMA runs
 epochs alternately with and without its update, so both sides share the
 process, the data and the warm caches, and drifting machine load affects both
 alike.  Target: ≤ 5 % (a throughput ratio ≥ 0.95x).
-``python -m benchmarks.bench_ema --tiny`` runs a few small steps, to check the benchmark itself.
+``python -m benchmarks --smoke ema`` runs a few small steps, to check the benchmark itself.
 """
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import report, seconds_per_call
+from benchmarks.common import report, scaled, seconds_per_call
 from benchmarks.harness import Workload, build_trainer
 
-WORKLOAD = Workload()
-TINY = Workload(batch_size=16, steps=20, image_size=16)
-REPEATS = 4
+WORKLOAD = scaled(Workload(), Workload(batch_size=8, steps=2, image_size=16))
+REPEATS = scaled(4, 1)
 DECAY = 0.999
 
 
@@ -47,4 +45,4 @@ def main(workload: Workload = WORKLOAD) -> None:
 
 
 if __name__ == "__main__":
-    main(TINY if "--tiny" in sys.argv[1:] else WORKLOAD)
+    main()
