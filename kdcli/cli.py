@@ -324,7 +324,7 @@ def _train_seeds(config: RunConfig, seeds: list[int], out: Path, flags: Training
         _note(f"seeds {', '.join(map(str, seeds))} into {out}/seed-N (rerun the same command, or --resume {out}, to continue)")
     result = run_seeds(config, out, seeds, overwrite=flags.overwrite, show_progress=not flags.quiet, notify=_note, on_seed=report)
     if flags.json_output:
-        stdout.print_json(json.dumps(result.as_dict()))
+        _print_json(result.as_dict())
         return
     per_seed = result.per_seed
     table = Table(title=f"{result.job} · {result.method} · {len(per_seed)} seeds · {result.out}")
@@ -582,7 +582,7 @@ def sweep_checkpoints(
 
 def _print_seeded_sweep(seeded: SeededSweepResult, *, as_json: bool) -> None:
     if as_json:
-        stdout.print_json(json.dumps(seeded.as_dict()))
+        _print_json(seeded.as_dict())
         return
     table = Table(title=f"sweep-checkpoints · seeds {', '.join(map(str, seeded.sweeps))} · {seeded.out}")
     for column in ("teacher", "teacher epoch", "teacher top-1", "student top-1 (mean ± std)", "student ECE (mean ± std)"):
@@ -632,7 +632,7 @@ def compare(
         raise UsageError("give --json or --csv, not both")
     rows = compare_runs(run_dirs)
     if json_output:
-        stdout.print_json(json.dumps(rows))
+        _print_json(rows)
         return
     if csv_output:
         sys.stdout.write(rows_csv(rows))
@@ -667,8 +667,10 @@ def plot(
     """Learning curves of runs side by side: each loss term, train/val top-1, lr and the method's per-epoch numbers."""
     from kdcli.jobs.plot import plot_runs
 
-    titles = plot_runs(run_dirs, output)
-    stdout.print(f"plot: {output} ({len(titles)} panels: {', '.join(titles)})", markup=False, soft_wrap=True)
+    result = plot_runs(run_dirs, output)
+    stdout.print(f"plot: {output} ({len(result.titles)} panels: {', '.join(result.titles)})", markup=False, soft_wrap=True)
+    if result.left_out:
+        _note(f"note: {len(result.left_out)} more panels left out (at most {len(result.titles)}): {one_line(', '.join(result.left_out), 200)}")
 
 
 @app.command(epilog="Examples: kdcli export runs/s/last.safetensors hub/student  ·  kdcli export runs/s/best.safetensors hub/student --push me/resnet18-kd")
@@ -687,7 +689,7 @@ def export(
         raise UsageError(f"{out_dir} already exists and is not empty; choose another OUT_DIR or pass --overwrite")
     result = export_checkpoint(checkpoint, out_dir, overwrite=overwrite, push_to=push)
     if json_output:
-        stdout.print_json(json.dumps(result.as_dict()))
+        _print_json(result.as_dict())
         return
     stdout.print(f"{result.checkpoint} -> {result.out}: model.safetensors, config.json, README.md ({result.arch})", markup=False, soft_wrap=True)
     load = f'timm.create_model("local-dir:{result.out}", pretrained=True)'
