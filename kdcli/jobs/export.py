@@ -244,7 +244,7 @@ def hub_api() -> Any:
 def push(api: Any, repo_id: str, folder: Path) -> str:
     try:
         url = api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(repo_id=url.repo_id, folder_path=str(folder), commit_message="Add model exported by kdcli")
+        api.upload_folder(repo_id=url.repo_id, folder_path=str(folder), commit_message="Add model exported by kdcli", ignore_patterns=[MANIFEST])
     except Exception as exc:  # network, permissions: the export itself is complete on disk
         raise KdcliError(f"{folder} is written, but the upload to {repo_id} failed: {type(exc).__name__}: {first_line(exc)}") from None
     return str(url.repo_id)
