@@ -28,7 +28,7 @@ from typer._click import exceptions as click_exceptions  # Typer vendors click s
 from typer.core import TyperGroup
 
 from kdcli import __version__
-from kdcli.defaults import API_VERSION, DEFAULT_METHODS, EVAL_SPLITS
+from kdcli.defaults import API_VERSION, DEFAULT_METHODS, EVAL_SPLITS, MAX_SEED
 from kdcli.errors import KdcliError, ResumeHint, UsageError, one_line
 
 if TYPE_CHECKING:  # the jobs import torch: command bodies import them, so --help stays fast
@@ -296,20 +296,37 @@ def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFl
     _print_summary(summary, as_json=flags.json_output)
 
 
+MAX_SEEDS = 1000  # runs in one seed group
+
+
 def parse_seeds(text: str | None) -> list[int] | None:
-    """``0,1,2``, ``0-4`` or a mix (``0-2,7``) as a list of distinct seeds, in order."""
+    """``0,1,2``, ``0-4`` or a mix (``0-2,7``) as a list of distinct seeds, in order: ASCII digits only,
+    at most ``MAX_SEEDS`` seeds, each at most ``MAX_SEED``; a range is checked by its size before it is listed."""
     if text is None:
         return None
-    seeds: list[int] = []
+    if len(text) > 21 * MAX_SEEDS:  # longer than MAX_SEEDS seeds of 20 digits: refused before it is split
+        raise UsageError(f"--seeds: at most {MAX_SEEDS} seeds in one group")
+    seeds: dict[int, None] = {}  # insertion-ordered set: de-duplication in linear time
     for part in text.split(","):
         first, dash, last = part.strip().partition("-")
-        if not (first.isdigit() and (not dash or last.isdigit())):
-            raise UsageError(f"--seeds takes seeds and ranges such as 0,1,2 or 0-4 (got {text!r})")
-        span = range(int(first), int(last if dash else first) + 1)
-        if not span:
+        if not (_ascii_number(first) and (not dash or _ascii_number(last))):
+            raise UsageError(f"--seeds takes seeds and ranges such as 0,1,2 or 0-4 (got {one_line(text, 80)!r})")
+        low, high = int(first), int(last if dash else first)
+        if high > MAX_SEED:
+            raise UsageError(f"--seeds: a seed must be at most {MAX_SEED} (2^63 - 1)")
+        if high < low:
             raise UsageError(f"--seeds range {part.strip()!r} is empty: write it low-high")
-        seeds.extend(seed for seed in span if seed not in seeds)
-    return seeds
+        if high - low >= MAX_SEEDS:
+            raise UsageError(f"--seeds: at most {MAX_SEEDS} seeds in one group (got the range {part.strip()})")
+        seeds.update(dict.fromkeys(range(low, high + 1)))
+        if len(seeds) > MAX_SEEDS:
+            raise UsageError(f"--seeds: at most {MAX_SEEDS} seeds in one group")
+    return list(seeds)
+
+
+def _ascii_number(text: str) -> bool:
+    # str.isdigit() accepts '¹' and other Unicode digits that int() then refuses; 25 digits bound int()'s work.
+    return 0 < len(text) <= 25 and text.isascii() and text.isdigit()
 
 
 def _train_seeds(config: RunConfig, seeds: list[int], out: Path, flags: TrainingFlags) -> None:

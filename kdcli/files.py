@@ -48,6 +48,16 @@ def check_target(path: Path, *, reads: Iterable[Path] = ()) -> None:
                 raise UsageError(f"refusing to write {path}: this command reads it ({source})")
 
 
+def require_regular_file(path: Path, what: str) -> None:
+    """Refuse to read a FIFO, device or socket (opening one blocks or never ends) or a missing file, before opening it."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise KdcliError(f"cannot read {what} {path}: {_reason(exc)}") from None
+    if not stat.S_ISREG(mode):
+        raise KdcliError(f"refusing {what} {path}: not a regular file (a FIFO, device or folder)")
+
+
 def file_sha256(path: Path) -> str:
     """The SHA-256 of a file's bytes (how a manifest recognises a file kdcli wrote)."""
     digest = hashlib.sha256()

@@ -18,9 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdcli.files import atomic_write_bytes, check_target
-from kdcli.config import RunConfig
+from pydantic import ValidationError
+
+from kdcli.config import RunConfig, format_validation_error
+from kdcli.defaults import MAX_SEED
 from kdcli.errors import KdcliError, ResumeHint, UsageError
+from kdcli.files import atomic_write_bytes, check_target
 from kdcli.jobs.build import RunSpec, resolve_run
 from kdcli.jobs.train import Notify, train
 from kdcli.results import SEED_GROUP_MANIFEST, aggregate, final_metrics, read_json, seed_dir
@@ -135,10 +138,13 @@ def is_seed_group(out: Path) -> bool:
 def saved_group(out: Path) -> tuple[RunConfig, list[int]]:
     """The recipe and seeds saved in a seed group (to continue it with ``--resume``)."""
     saved = _read_manifest(out)
+    seeds = saved.get("seeds")
+    if not isinstance(seeds, list) or not all(type(seed) is int and 0 <= seed <= MAX_SEED for seed in seeds):
+        raise UsageError(f"{out / SEED_GROUP_MANIFEST} is not a valid seed group manifest: 'seeds' must list seeds 0..{MAX_SEED}")
     try:
-        return RunConfig.model_validate(saved["recipe"]), [int(seed) for seed in saved["seeds"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{out / SEED_GROUP_MANIFEST} is not a valid seed group manifest: {exc}") from None
+        return RunConfig.model_validate(saved.get("recipe")), seeds
+    except ValidationError as exc:
+        raise UsageError(f"{out / SEED_GROUP_MANIFEST} is not a valid seed group manifest: {format_validation_error(exc)}") from None
 
 
 def run_seeds(
