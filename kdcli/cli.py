@@ -344,7 +344,7 @@ def _train_seeds(config: RunConfig, seeds: list[int], out: Path, flags: Training
         _print_json(result.as_dict())
         return
     per_seed = result.per_seed
-    table = Table(title=f"{result.job} · {result.method} · {len(per_seed)} seeds · {result.out}")
+    table = Table(title=escape(f"{result.job} · {result.method} · {len(per_seed)} seeds · {result.out}"))
     table.add_column("metric")
     table.add_column("mean ± std", justify="right")
     for seed in per_seed:
@@ -366,7 +366,7 @@ def _print_summary(summary: TrainingSummary, *, as_json: bool) -> None:
     if as_json:
         _print_json(summary.as_dict())
         return
-    table = Table(title=f"{summary.config.job} · {summary.config.method.name} · {summary.run_dir}")
+    table = Table(title=escape(f"{summary.config.job} · {summary.config.method.name} · {summary.run_dir}"))
     for column in ("model", "role", "test top-1", "top-5", "NLL", "ECE"):
         table.add_column(column, justify="right" if column not in ("model", "role") else "left")
     rows = [(summary.teacher_arch, "teacher", summary.teacher_test)] if summary.teacher_test else []
@@ -382,7 +382,7 @@ def _print_summary(summary: TrainingSummary, *, as_json: bool) -> None:
     diagnostics = summary.history[-1].get("method", {}) if summary.history else {}
     if diagnostics:  # whatever the method reported for its last epoch (e.g. fusion-ratio statistics)
         stdout.print("method, last epoch: " + "  ".join(f"{name} {value:.4g}" for name, value in diagnostics.items()))
-    stdout.print(f"checkpoint: {summary.run_dir / 'last.safetensors'}")
+    stdout.print(f"checkpoint: {summary.run_dir / 'last.safetensors'}", markup=False, soft_wrap=True)
 
 
 @app.command(epilog="Examples: kdcli teach  ·  kdcli teach --model cifar_resnet32x4 --data cifar100 --epochs 240 --set schedule.name=multistep --set schedule.milestones=[150,180,210]")
@@ -437,7 +437,7 @@ def evaluate(
         return
     noise = report["noise"]
     condition = "" if noise is None else f" · noise σ={noise['std']:g}" + (f" photons={noise['photons']:g}" if noise["photons"] else "") + f" seed {noise['seed']}"
-    table = Table(title=f"{report['arch']} · {report['data']} {report['split']}{condition}", caption=str(checkpoint))
+    table = Table(title=escape(f"{report['arch']} · {report['data']} {report['split']}{condition}"), caption=escape(str(checkpoint)))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in report["metrics"].items():
@@ -471,13 +471,13 @@ def predict(
     if json_output:
         _print_json(rows)
         return
-    table = Table(title=f"predict · {checkpoint}")
+    table = Table(title=escape(f"predict · {checkpoint}"))
     for column in ("image", "rank", "class", "probability"):
         table.add_column(column, justify="right" if column in ("rank", "probability") else "left")
     for row in rows:
         for rank, entry in enumerate(row["top"], start=1):
             label = str(entry["class"]) if entry["name"] is None else f"{entry['class']} {entry['name']}"
-            table.add_row(row["image"] if rank == 1 else "", str(rank), escape(label), f"{entry['probability']:.4f}")
+            table.add_row(escape(row["image"]) if rank == 1 else "", str(rank), escape(label), f"{entry['probability']:.4f}")
     stdout.print(table)
 
 
@@ -601,11 +601,11 @@ def _print_seeded_sweep(seeded: SeededSweepResult, *, as_json: bool) -> None:
     if as_json:
         _print_json(seeded.as_dict())
         return
-    table = Table(title=f"sweep-checkpoints · seeds {', '.join(map(str, seeded.sweeps))} · {seeded.out}")
+    table = Table(title=escape(f"sweep-checkpoints · seeds {', '.join(map(str, seeded.sweeps))} · {seeded.out}"))
     for column in ("teacher", "teacher epoch", "teacher top-1", "student top-1 (mean ± std)", "student ECE (mean ± std)"):
         table.add_column(column, justify="left" if column == "teacher" else "right")
     for row in seeded.rows:
-        table.add_row(row["teacher"], str(row["teacher_epoch"]), f"{row['teacher_top1']:.4f}",
+        table.add_row(escape(row["teacher"]), str(row["teacher_epoch"]), f"{row['teacher_top1']:.4f}",
                       f"{row['student_top1_mean']:.4f} ± {row['student_top1_std']:.4f}", f"{row['student_ece_mean']:.4f} ± {row['student_ece_std']:.4f}")
     stdout.print(table)
     stdout.print(f"results: {seeded.out / 'results.json'}; each seed's sweep, table and plot in {seeded.out}/seed-N", markup=False, soft_wrap=True)
@@ -615,13 +615,13 @@ def _print_sweep(result: SweepResult, *, as_json: bool) -> None:
     if as_json:
         _print_json(result.as_dict())
         return
-    table = Table(title=f"sweep-checkpoints · {result.out}")
+    table = Table(title=escape(f"sweep-checkpoints · {result.out}"))
     for column in ("teacher", "teacher epoch", "teacher top-1", "teacher ECE", "teacher p* TV (train)", "student top-1"):
         table.add_column(column, justify="left" if column == "teacher" else "right")
     for row in result.rows:
         distance = row["teacher_pstar_tv_train"]
         table.add_row(
-            row["teacher"], str(row["teacher_epoch"]), f"{row['teacher_top1']:.4f}", f"{row['teacher_ece']:.4f}",
+            escape(row["teacher"]), str(row["teacher_epoch"]), f"{row['teacher_top1']:.4f}", f"{row['teacher_ece']:.4f}",
             "-" if distance is None else f"{distance:.4f}", f"{row['student_top1']:.4f}",
         )
     stdout.print(table)
@@ -660,7 +660,7 @@ def compare(
     for row in rows:
         cells = [_stat_cell(row["metrics"].get(name), integer=name == "best/epoch") for name in TABLE_METRICS]
         seeds = "-" if row["seeds"] is None else str(len(row["seeds"]))
-        table.add_row(escape(row["label"]), row["method"] or "", row["model"] or "", seeds, str(row["epochs"]), *cells)
+        table.add_row(escape(row["label"]), escape(str(row["method"] or "")), escape(str(row["model"] or "")), seeds, str(row["epochs"]), *cells)
     # A table of many columns: into a pipe or file at its natural width, not squeezed to 80 columns.
     (stdout if stdout.is_terminal else Console(width=240)).print(table)
     for row in rows:

@@ -123,7 +123,7 @@ def read_history(run: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _read_summary(path: Path) -> dict[str, Any]:
+def read_summary(path: Path) -> dict[str, Any]:
     summary = _require(read_json(path, "a run summary"), dict, path, "a run summary")
     for section in ("test", "final_epoch"):
         _require(summary.get(section) or {}, dict, path, f"its {section!r}")
@@ -173,7 +173,7 @@ def read_run(path: Path) -> RunRecord:
     if not config_path.is_file():
         raise UsageError(f"{path} is not a kdcli run directory (no config.json) nor a seed group (no {SEED_GROUP_MANIFEST})")
     summary_path = path / "summary.json"
-    summary = _read_summary(summary_path) if summary_path.exists() else None
+    summary = read_summary(summary_path) if summary_path.exists() else None
     config = _require(read_json(config_path, "a run config"), dict, config_path, "a run config")
     return RunRecord(path, config, read_history(path), summary)
 

@@ -26,7 +26,7 @@ from kdcli.errors import KdcliError, ResumeHint, UsageError
 from kdcli.files import atomic_write_bytes, check_target
 from kdcli.jobs.build import RunSpec, resolve_run
 from kdcli.jobs.train import Notify, train
-from kdcli.results import SEED_GROUP_MANIFEST, aggregate, final_metrics, read_json, seed_dir
+from kdcli.results import SEED_GROUP_MANIFEST, aggregate, final_metrics, read_json, read_summary, seed_dir
 from kdcli.rundir import check_replaceable, is_kdcli_run, remove_run
 
 SEEDS_FORMAT = "kdcli-seeds"
@@ -193,9 +193,10 @@ def _one_seed(spec: RunSpec, recipe: dict[str, Any], out: Path, seed: int, show_
     current = (run / "config.json").is_file() and _same_recipe(run, recipe)
     finished = run / "summary.json"
     if current and finished.is_file():
-        summary = read_json(finished, "a run summary")
-        if isinstance(summary, dict):
+        summary = read_summary(finished)
+        if isinstance((summary.get("test") or {}).get("top1"), (int, float)):
             return summary, True
+        # A summary without its test top-1 is no finished run: resuming rewrites it from the saved state.
     config = spec.config.model_copy(update={"train": spec.config.train.model_copy(update={"seed": seed})})
     try:
         summary = train(RunSpec(config, spec.method, spec.params), run, resume=current, overwrite=not current,
