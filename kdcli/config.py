@@ -333,7 +333,21 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a table/mapping at the top level")
     check_tree(data, f"config file {path}")
+    _check_sections(data, RunConfig, f"config file {path}")
     return data
+
+
+def _check_sections(data: dict[str, Any], model: type[BaseModel], source: str, prefix: str = "") -> None:
+    """A section given as anything but a mapping (``train: []``, an empty ``train:``) is refused, not merged over."""
+    for name, field in model.model_fields.items():
+        section = field.annotation
+        if name not in data or not (isinstance(section, type) and issubclass(section, BaseModel)):
+            continue
+        value = data[name]
+        if not isinstance(value, dict):
+            shown = "empty" if value is None else f"a {type(value).__name__}"
+            raise UsageError(f"{source}: {prefix}{name} is a section and must be a mapping of its keys, not {shown}")
+        _check_sections(value, section, source, f"{prefix}{name}.")
 
 
 def parse_override(assignment: str) -> tuple[list[str], Any]:
