@@ -167,7 +167,7 @@ def _default_sigint() -> None:
 
 def test_started_with_sigint_ignored_it_stays_ignored_and_sigterm_stops(tmp_path: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [*KDCLI, "teach", "--out", str(tmp_path / "r"), "--epochs", "50", *TINY]
+    command = [*KDCLI, "teach", "--model", "cifar_resnet8", "--out", str(tmp_path / "r"), "--epochs", "50", *TINY]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     while not (tmp_path / "r" / "resume.safetensors").exists() and process.poll() is None:  # training has begun
