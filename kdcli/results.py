@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdcli.config import check_tree
+from kdcli.config import MAX_DEPTH, check_tree
 from kdcli.errors import UsageError, one_line
 
 _LARGEST_FLOAT = 1.7976931348623157e308  # an integer beyond this cannot become a float
@@ -100,8 +100,10 @@ def _bounded_text(path: Path, what: str) -> str:
 def _parsed(text: str, path: Path, what: str) -> Any:
     try:
         value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise UsageError(f"cannot read {path}: not valid JSON for {what} ({one_line(str(exc) or 'nested too deep')})") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"cannot read {path}: not valid JSON for {what} ({one_line(str(exc))})") from None
+    except RecursionError:
+        raise UsageError(f"cannot read {path}: {what} nested deeper than {MAX_DEPTH} levels") from None
     check_tree(value, str(path))
     return value
 

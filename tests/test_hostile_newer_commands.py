@@ -170,11 +170,12 @@ def test_yaml_merge_keys_still_override() -> None:
 
 
 BROKEN_FILES = {
-    "metrics-deep": ("metrics.jsonl", DEEP + "\n", "not valid JSON"),
+    "metrics-deep": ("metrics.jsonl", DEEP + "\n", "nested deeper than 32 levels"),
     "metrics-wrong-type": ("metrics.jsonl", "[1, 2]\n", "each epoch record must be a JSON object"),
     "metrics-epoch-string": ("metrics.jsonl", '{"epoch": "one"}\n', "without an integer epoch"),
     "metrics-not-utf8": ("metrics.jsonl", "\udcff", "cannot read"),
-    "summary-deep": ("summary.json", '{"test": ' + DEEP + "}", "not valid JSON"),
+    "summary-deep": ("summary.json", '{"test": ' + DEEP + "}", "nested deeper than 32 levels"),
+    "summary-truncated": ("summary.json", '{"test": {"top1": 0.5', "not valid JSON for a run summary"),
     "summary-test-string": ("summary.json", '{"test": "high"}', "'test' must be a JSON object"),
     "summary-list": ("summary.json", "[]", "a run summary must be a JSON object"),
     "config-list": ("config.json", "[]", "a run config must be a JSON object"),
