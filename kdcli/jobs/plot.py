@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import statistics
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,10 @@ def _drawn_by_kdcli(path: Path) -> bool:
     from PIL import Image
 
     try:
-        with Image.open(path, formats=["PNG"]) as image:  # reads the chunks before the pixels only
-            return image.info.get("Software") == PLOT_SOFTWARE
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a huge PNG: not ours, and no raw warning
+            with Image.open(path, formats=["PNG"]) as image:  # reads the chunks before the pixels only
+                return image.info.get("Software") == PLOT_SOFTWARE
     except Exception:  # noqa: BLE001 -- anything Pillow cannot read is not a plot kdcli drew
         return False
 

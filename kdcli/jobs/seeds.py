@@ -83,17 +83,24 @@ def prepare_group_dir(out: Path, config: RunConfig, seeds: list[int], *, overwri
         raise UsageError(f"run directory {out} exists and is not a directory")
     check_target(manifest)
     if out.exists() and any(out.iterdir()):
-        if overwrite:
-            reads = () if config.teacher is None or str(config.teacher).startswith("timm:") else (config.teacher,)
-            check_replaceable(out, reads, marker=SEED_GROUP_MANIFEST)
-        elif not manifest.is_file():
-            raise UsageError(f"run directory {out} already exists and is not a seed group; choose another run directory or overwrite it")
-        elif _read_manifest(out).get("format") != SEEDS_FORMAT or _read_manifest(out).get("recipe") != record["recipe"]:
-            raise UsageError(f"{out} holds a seed group with a different config; choose another run directory or overwrite it")
+        _check_existing_group(out, config, record, overwrite=overwrite)
         _check_seed_dirs(out, seeds)
     previous = manifest.read_bytes() if manifest.is_file() else None
     atomic_write_bytes(manifest, (json.dumps(record, indent=2) + "\n").encode())
     return previous
+
+
+def _check_existing_group(out: Path, config: RunConfig, record: dict[str, Any], *, overwrite: bool) -> None:
+    """A non-empty ``out``: with ``overwrite`` a group kdcli made (not holding the teacher), else the same recipe's group."""
+    if overwrite:
+        reads = () if config.teacher is None or str(config.teacher).startswith("timm:") else (config.teacher,)
+        check_replaceable(out, reads, marker=SEED_GROUP_MANIFEST)
+        return
+    if not (out / SEED_GROUP_MANIFEST).is_file():
+        raise UsageError(f"run directory {out} already exists and is not a seed group; choose another run directory or overwrite it")
+    saved = _read_manifest(out)
+    if saved.get("format") != SEEDS_FORMAT or saved.get("recipe") != record["recipe"]:
+        raise UsageError(f"{out} holds a seed group with a different config; choose another run directory or overwrite it")
 
 
 def _check_seed_dirs(out: Path, seeds: list[int]) -> None:
