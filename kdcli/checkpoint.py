@@ -17,12 +17,9 @@ before anything is built from the contents.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,13 +31,13 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from kdcli.errors import KdcliError, first_line
+# Re-exported: the write helpers lived here before kdcli.files held the rule for every file.
+from kdcli.files import TEMPORARY_PATTERN, TEMPORARY_SUFFIX, WriteFailed, atomic_write_bytes, check_target, file_sha256  # noqa: F401
 
 CHECKPOINT_FORMAT = "kdcli-checkpoint"
 STATE_FORMAT = "kdcli-state"
 FORMAT_VERSION = 2  # 2: every file carries a digest
 DIGEST_KEY = "sha256"
-TEMPORARY_SUFFIX = ".kdcli.tmp"  # names kdcli's own temporary files apart from a user's *.tmp
-TEMPORARY_PATTERN = f".*{TEMPORARY_SUFFIX}"  # what an interrupted atomic write can leave behind
 _NOT_A_CHECKPOINT = "a safetensors file but not a kdcli checkpoint (no kdcli metadata)"
 _NOT_A_STATE = "not a kdcli resume-state file"
 
@@ -126,56 +123,6 @@ def _encode(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-class WriteFailed(KdcliError):
-    """A file could not be written (disk full, no permission, ...); the message says what is left on disk."""
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that readers see the old or the new file, never half."""
-    had_previous = path.exists()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-    except OSError as exc:
-        raise _write_failed(path, exc, had_previous) from None
-    try:
-        os.fchmod(descriptor, 0o666 & ~_umask())  # mkstemp makes 0600; a file kdcli keeps follows the umask like open() would
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            Path(temporary).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise _write_failed(path, exc, had_previous) from None
-        raise
-    try:
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError as exc:
-        raise WriteFailed(f"wrote {path} but could not flush its directory to disk ({_reason(exc)})") from None
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read the umask is to set it: put it straight back
-    os.umask(mask)
-    return mask
-
-
-def _write_failed(path: Path, exc: OSError, had_previous: bool) -> WriteFailed:
-    kept = f"the previous {path.name} is unchanged" if had_previous else "nothing was written"
-    return WriteFailed(f"cannot write {path} ({_reason(exc)}); {kept}")
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror or first_line(exc)
-
-
 def _owned_cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses tensors that share storage (tied weights): give each its own copy.
     return {key: value.detach().to("cpu").clone(memory_format=torch.contiguous_format) for key, value in tensors.items()}
@@ -191,15 +138,15 @@ def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, reads: tuple[Path, ...] = ()) -> None:
     """Atomically write a safetensors file whose metadata carries the digest of its contents."""
     owned = _owned_cpu_tensors(tensors)
     signed = {**metadata, DIGEST_KEY: _digest(owned, metadata)}
-    atomic_write_bytes(path, save_bytes(owned, metadata=signed))
+    atomic_write_bytes(path, save_bytes(owned, metadata=signed), reads=reads)
 
 
-def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], info: CheckpointInfo) -> None:
-    save_tensors(path, state_dict, info.to_metadata())
+def save_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], info: CheckpointInfo, *, reads: tuple[Path, ...] = ()) -> None:
+    save_tensors(path, state_dict, info.to_metadata(), reads=reads)
 
 
 def _existing_file(path: Path) -> Path:

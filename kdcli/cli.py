@@ -28,7 +28,7 @@ from typer._click import exceptions as click_exceptions  # Typer vendors click s
 from typer.core import TyperGroup
 
 from kdcli import __version__
-from kdcli.defaults import API_VERSION, DEFAULT_METHODS, EVAL_SPLITS
+from kdcli.defaults import API_VERSION, DEFAULT_METHODS, EVAL_SPLITS, MAX_SEED
 from kdcli.errors import KdcliError, ResumeHint, UsageError, one_line
 
 if TYPE_CHECKING:  # the jobs import torch: command bodies import them, so --help stays fast
@@ -308,20 +308,37 @@ def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFl
     _print_summary(summary, as_json=flags.json_output)
 
 
+MAX_SEEDS = 1000  # runs in one seed group
+
+
 def parse_seeds(text: str | None) -> list[int] | None:
-    """``0,1,2``, ``0-4`` or a mix (``0-2,7``) as a list of distinct seeds, in order."""
+    """``0,1,2``, ``0-4`` or a mix (``0-2,7``) as a list of distinct seeds, in order: ASCII digits only,
+    at most ``MAX_SEEDS`` seeds, each at most ``MAX_SEED``; a range is checked by its size before it is listed."""
     if text is None:
         return None
-    seeds: list[int] = []
+    if len(text) > 21 * MAX_SEEDS:  # longer than MAX_SEEDS seeds of 20 digits: refused before it is split
+        raise UsageError(f"--seeds: at most {MAX_SEEDS} seeds in one group")
+    seeds: dict[int, None] = {}  # insertion-ordered set: de-duplication in linear time
     for part in text.split(","):
         first, dash, last = part.strip().partition("-")
-        if not (first.isdigit() and (not dash or last.isdigit())):
-            raise UsageError(f"--seeds takes seeds and ranges such as 0,1,2 or 0-4 (got {text!r})")
-        span = range(int(first), int(last if dash else first) + 1)
-        if not span:
+        if not (_ascii_number(first) and (not dash or _ascii_number(last))):
+            raise UsageError(f"--seeds takes seeds and ranges such as 0,1,2 or 0-4 (got {one_line(text, 80)!r})")
+        low, high = int(first), int(last if dash else first)
+        if high > MAX_SEED:
+            raise UsageError(f"--seeds: a seed must be at most {MAX_SEED} (2^63 - 1)")
+        if high < low:
             raise UsageError(f"--seeds range {part.strip()!r} is empty: write it low-high")
-        seeds.extend(seed for seed in span if seed not in seeds)
-    return seeds
+        if high - low >= MAX_SEEDS:
+            raise UsageError(f"--seeds: at most {MAX_SEEDS} seeds in one group (got the range {part.strip()})")
+        seeds.update(dict.fromkeys(range(low, high + 1)))
+        if len(seeds) > MAX_SEEDS:
+            raise UsageError(f"--seeds: at most {MAX_SEEDS} seeds in one group")
+    return list(seeds)
+
+
+def _ascii_number(text: str) -> bool:
+    # str.isdigit() accepts '¹' and other Unicode digits that int() then refuses; 25 digits bound int()'s work.
+    return 0 < len(text) <= 25 and text.isascii() and text.isdigit()
 
 
 def _train_seeds(config: RunConfig, seeds: list[int], out: Path, flags: TrainingFlags) -> None:
@@ -336,10 +353,10 @@ def _train_seeds(config: RunConfig, seeds: list[int], out: Path, flags: Training
         _note(f"seeds {', '.join(map(str, seeds))} into {out}/seed-N (rerun the same command, or --resume {out}, to continue)")
     result = run_seeds(config, out, seeds, overwrite=flags.overwrite, show_progress=not flags.quiet, notify=_note, on_seed=report)
     if flags.json_output:
-        stdout.print_json(json.dumps(result.as_dict()))
+        _print_json(result.as_dict())
         return
     per_seed = result.per_seed
-    table = Table(title=f"{result.job} · {result.method} · {len(per_seed)} seeds · {result.out}")
+    table = Table(title=escape(f"{result.job} · {result.method} · {len(per_seed)} seeds · {result.out}"))
     table.add_column("metric")
     table.add_column("mean ± std", justify="right")
     for seed in per_seed:
@@ -361,7 +378,7 @@ def _print_summary(summary: TrainingSummary, *, as_json: bool) -> None:
     if as_json:
         _print_json(summary.as_dict())
         return
-    table = Table(title=f"{summary.config.job} · {summary.config.method.name} · {summary.run_dir}")
+    table = Table(title=escape(f"{summary.config.job} · {summary.config.method.name} · {summary.run_dir}"))
     for column in ("model", "role", "test top-1", "top-5", "NLL", "ECE"):
         table.add_column(column, justify="right" if column not in ("model", "role") else "left")
     rows = [(summary.teacher_arch, "teacher", summary.teacher_test)] if summary.teacher_test else []
@@ -377,7 +394,7 @@ def _print_summary(summary: TrainingSummary, *, as_json: bool) -> None:
     diagnostics = summary.history[-1].get("method", {}) if summary.history else {}
     if diagnostics:  # whatever the method reported for its last epoch (e.g. fusion-ratio statistics)
         stdout.print("method, last epoch: " + "  ".join(f"{name} {value:.4g}" for name, value in diagnostics.items()), soft_wrap=True)
-    stdout.print(f"checkpoint: {summary.run_dir / 'last.safetensors'}", soft_wrap=True)
+    stdout.print(f"checkpoint: {summary.run_dir / 'last.safetensors'}", markup=False, soft_wrap=True)
 
 
 @app.command(epilog="Examples: kdcli teach  ·  kdcli teach --model cifar_resnet32x4 --data cifar100 --epochs 240 --set schedule.name=multistep --set schedule.milestones=[150,180,210]")
@@ -432,7 +449,7 @@ def evaluate(
         return
     noise = report["noise"]
     condition = "" if noise is None else f" · noise σ={noise['std']:g}" + (f" photons={noise['photons']:g}" if noise["photons"] else "") + f" seed {noise['seed']}"
-    table = Table(title=f"{report['arch']} · {report['data']} {report['split']}{condition}", caption=str(checkpoint))
+    table = Table(title=escape(f"{report['arch']} · {report['data']} {report['split']}{condition}"), caption=escape(str(checkpoint)))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in report["metrics"].items():
@@ -466,13 +483,13 @@ def predict(
     if json_output:
         _print_json(rows)
         return
-    table = Table(title=f"predict · {checkpoint}")
+    table = Table(title=escape(f"predict · {checkpoint}"))
     for column in ("image", "rank", "class", "probability"):
         table.add_column(column, justify="right" if column in ("rank", "probability") else "left")
     for row in rows:
         for rank, entry in enumerate(row["top"], start=1):
             label = str(entry["class"]) if entry["name"] is None else f"{entry['class']} {entry['name']}"
-            table.add_row(row["image"] if rank == 1 else "", str(rank), escape(label), f"{entry['probability']:.4f}")
+            table.add_row(escape(row["image"]) if rank == 1 else "", str(rank), escape(label), f"{entry['probability']:.4f}")
     print_table(table)
 
 
@@ -594,13 +611,13 @@ def sweep_checkpoints(
 
 def _print_seeded_sweep(seeded: SeededSweepResult, *, as_json: bool) -> None:
     if as_json:
-        stdout.print_json(json.dumps(seeded.as_dict()))
+        _print_json(seeded.as_dict())
         return
-    table = Table(title=f"sweep-checkpoints · seeds {', '.join(map(str, seeded.sweeps))} · {seeded.out}")
+    table = Table(title=escape(f"sweep-checkpoints · seeds {', '.join(map(str, seeded.sweeps))} · {seeded.out}"))
     for column in ("teacher", "teacher epoch", "teacher top-1", "student top-1 (mean ± std)", "student ECE (mean ± std)"):
         table.add_column(column, justify="left" if column == "teacher" else "right")
     for row in seeded.rows:
-        table.add_row(row["teacher"], str(row["teacher_epoch"]), f"{row['teacher_top1']:.4f}",
+        table.add_row(escape(row["teacher"]), str(row["teacher_epoch"]), f"{row['teacher_top1']:.4f}",
                       f"{row['student_top1_mean']:.4f} ± {row['student_top1_std']:.4f}", f"{row['student_ece_mean']:.4f} ± {row['student_ece_std']:.4f}")
     print_table(table)
     stdout.print(f"results: {seeded.out / 'results.json'}; each seed's sweep, table and plot in {seeded.out}/seed-N", markup=False, soft_wrap=True)
@@ -610,13 +627,13 @@ def _print_sweep(result: SweepResult, *, as_json: bool) -> None:
     if as_json:
         _print_json(result.as_dict())
         return
-    table = Table(title=f"sweep-checkpoints · {result.out}")
+    table = Table(title=escape(f"sweep-checkpoints · {result.out}"))
     for column in ("teacher", "teacher epoch", "teacher top-1", "teacher ECE", "teacher p* TV (train)", "student top-1"):
         table.add_column(column, justify="left" if column == "teacher" else "right")
     for row in result.rows:
         distance = row["teacher_pstar_tv_train"]
         table.add_row(
-            row["teacher"], str(row["teacher_epoch"]), f"{row['teacher_top1']:.4f}", f"{row['teacher_ece']:.4f}",
+            escape(row["teacher"]), str(row["teacher_epoch"]), f"{row['teacher_top1']:.4f}", f"{row['teacher_ece']:.4f}",
             "-" if distance is None else f"{distance:.4f}", f"{row['student_top1']:.4f}",
         )
     print_table(table)
@@ -644,7 +661,7 @@ def compare(
         raise UsageError("give --json or --csv, not both")
     rows = compare_runs(run_dirs)
     if json_output:
-        stdout.print_json(json.dumps(rows))
+        _print_json(rows)
         return
     if csv_output:
         sys.stdout.write(rows_csv(rows))
@@ -655,7 +672,7 @@ def compare(
     for row in rows:
         cells = [_stat_cell(row["metrics"].get(name), integer=name == "best/epoch") for name in TABLE_METRICS]
         seeds = "-" if row["seeds"] is None else str(len(row["seeds"]))
-        table.add_row(escape(row["label"]), row["method"] or "", row["model"] or "", seeds, str(row["epochs"]), *cells)
+        table.add_row(escape(row["label"]), escape(str(row["method"] or "")), escape(str(row["model"] or "")), seeds, str(row["epochs"]), *cells)
     print_table(table)
     for row in rows:
         if row["unfinished"]:
@@ -678,8 +695,10 @@ def plot(
     """Learning curves of runs side by side: each loss term, train/val top-1, lr and the method's per-epoch numbers."""
     from kdcli.jobs.plot import plot_runs
 
-    titles = plot_runs(run_dirs, output)
-    stdout.print(f"plot: {output} ({len(titles)} panels: {', '.join(titles)})", markup=False, soft_wrap=True)
+    result = plot_runs(run_dirs, output)
+    stdout.print(f"plot: {output} ({len(result.titles)} panels: {', '.join(result.titles)})", markup=False, soft_wrap=True)
+    if result.left_out:
+        _note(f"note: {len(result.left_out)} more panels left out (at most {len(result.titles)}): {one_line(', '.join(result.left_out), 200)}")
 
 
 @app.command(epilog="Examples: kdcli export runs/s/last.safetensors hub/student  ·  kdcli export runs/s/best.safetensors hub/student --push me/resnet18-kd")
@@ -698,7 +717,7 @@ def export(
         raise UsageError(f"{out_dir} already exists and is not empty; choose another OUT_DIR or pass --overwrite")
     result = export_checkpoint(checkpoint, out_dir, overwrite=overwrite, push_to=push)
     if json_output:
-        stdout.print_json(json.dumps(result.as_dict()))
+        _print_json(result.as_dict())
         return
     stdout.print(f"{result.checkpoint} -> {result.out}: model.safetensors, config.json, README.md ({result.arch})", markup=False, soft_wrap=True)
     load = f'timm.create_model("local-dir:{result.out}", pretrained=True)'

@@ -12,10 +12,11 @@ import copy
 import json
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,21 +28,52 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from kdcli.defaults import DEFAULT_METHODS
+from kdcli.defaults import DEFAULT_METHODS, MAX_SEED
 from kdcli.errors import UsageError, one_line
 
 MAX_DEPTH = 32  # nesting of a config file or --set value; a real config is 3 deep
 MAX_NODES = 100_000  # values in one, aliases counted each time they are used (YAML "billion laughs")
-MAX_SEED = 2**63 - 1  # torch's generators take 64-bit seeds
 MAX_LR = 1e3  # no optimizer trains with a step larger than this; 1e308 overflows float32 parameters
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+MIN_CROP_PCT = 0.05  # evaluation resizes to image_size / crop_pct: 20x the crop at most
+MIN_MIX_ALPHA, MAX_MIX_ALPHA = 1e-3, 1e3  # Beta(alpha, alpha) in float32: below, torch rounds alpha to 0 and refuses it
+
+
+def _mix_alpha(value: float) -> float:
+    if value != 0.0 and not MIN_MIX_ALPHA <= value <= MAX_MIX_ALPHA:
+        raise PydanticCustomError("mix_alpha", "0 (off) or between {low} and {high}", {"low": MIN_MIX_ALPHA, "high": MAX_MIX_ALPHA})
+    return value
+
+
+MixAlpha = Annotated[NonNegativeFloat, AfterValidator(_mix_alpha)]
 
 
 class StrictModel(BaseModel):
-    """Base for config sections: unknown keys are errors, not silently ignored."""
+    """Base for config sections: unknown keys are errors, not silently ignored, and true/false is no number."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, data: Any) -> Any:
+        # pydantic's lax mode reads true as 1: ``--set train.epochs=true`` would train one epoch.
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                value = data.get(name)
+                if isinstance(value, bool) and not _accepts_bool(field.annotation):
+                    raise PydanticCustomError("bool_not_number", "{key}: expected a number, got {value}", {"key": name, "value": str(value).lower()})
+        return data
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    """Whether a field's type takes true/false itself (``bool | None``, ``Literal["auto"] | bool``), not as 0/1."""
+    if annotation is bool:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(value, bool) for value in get_args(annotation))
+    return any(_accepts_bool(argument) for argument in get_args(annotation))
 
 
 class SyntheticConfig(StrictModel):
@@ -85,7 +117,7 @@ class DataConfig(StrictModel):
     on_corrupt: Literal["skip", "stop"] = Field(
         "skip", description="Streaming: a training image that does not decode is skipped and counted, or stops the run."
     )
-    crop_pct: float = Field(0.875, gt=0.0, le=1.0, description="Streaming evaluation: resize to image_size / crop_pct, center crop.")
+    crop_pct: float = Field(0.875, ge=MIN_CROP_PCT, le=1.0, description="Streaming evaluation: resize to image_size / crop_pct, center crop.")
     crop_scale_min: float = Field(0.08, gt=0.0, le=1.0, description="Streaming training: RandomResizedCrop's smallest area fraction.")
     auto_augment: Literal["none", "trivial", "rand"] = Field(
         "none", description="Streaming training: TrivialAugment or RandAugment after the crop and flip."
@@ -93,10 +125,10 @@ class DataConfig(StrictModel):
     crop_padding: NonNegativeInt | None = Field(None, description="Random-crop padding; None = the data set's recipe.")
     hflip: bool | None = Field(None, description="Random horizontal flip; None = the data set's recipe.")
     rotation: float = Field(0.0, ge=0.0, le=180.0, description="Random rotation range in degrees (0 = off).")
-    mixup_alpha: NonNegativeFloat = Field(
+    mixup_alpha: MixAlpha = Field(
         0.0, description="Mixup of training batches: the mixing weight ~ Beta(alpha, alpha) (0 = off; timm's --mixup)."
     )
-    cutmix_alpha: NonNegativeFloat = Field(
+    cutmix_alpha: MixAlpha = Field(
         0.0, description="CutMix of training batches: the kept area ~ Beta(alpha, alpha) (0 = off; timm's --cutmix). "
         "With mixup_alpha too, each mixed batch gets one of the two, with equal odds.",
     )
@@ -278,6 +310,35 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
+class DuplicateKey(ValueError):
+    """A key given twice in one mapping of a config file: YAML and JSON would silently keep the last."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    mapping: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in mapping:
+            raise DuplicateKey(f"duplicate key {one_line(str(key), 80)!r}")
+        mapping[key] = value
+    return mapping
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base``: its keys may be overridden, as YAML intends
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise DuplicateKey(f"duplicate key {one_line(str(key), 80)!r} (line {key_node.start_mark.line + 1})")
+            if isinstance(key, (str, int, float, bool)):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """Parse a TOML, YAML or JSON config file into a plain dict."""
     if not path.is_file():
@@ -291,12 +352,12 @@ def read_config_file(path: Path) -> dict[str, Any]:
         if suffix == ".toml":
             data = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 -- a SafeLoader subclass
         elif suffix == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_keys)
         else:
             raise UsageError(f"config file {path} must end in .toml, .yaml, .yml or .json")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, DuplicateKey) as exc:
         first_line = str(exc).splitlines()[0]
         raise UsageError(f"cannot parse config file {path}: {first_line}") from None
     except RecursionError:
@@ -304,7 +365,21 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a table/mapping at the top level")
     check_tree(data, f"config file {path}")
+    _check_sections(data, RunConfig, f"config file {path}")
     return data
+
+
+def _check_sections(data: dict[str, Any], model: type[BaseModel], source: str, prefix: str = "") -> None:
+    """A section given as anything but a mapping (``train: []``, an empty ``train:``) is refused, not merged over."""
+    for name, field in model.model_fields.items():
+        section = field.annotation
+        if name not in data or not (isinstance(section, type) and issubclass(section, BaseModel)):
+            continue
+        value = data[name]
+        if not isinstance(value, dict):
+            shown = "empty" if value is None else f"a {type(value).__name__}"
+            raise UsageError(f"{source}: {prefix}{name} is a section and must be a mapping of its keys, not {shown}")
+        _check_sections(value, section, source, f"{prefix}{name}.")
 
 
 def parse_override(assignment: str) -> tuple[list[str], Any]:

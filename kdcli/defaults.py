@@ -10,3 +10,6 @@ EVAL_SPLITS: tuple[str, ...] = ("test", "val", "train")
 
 # The plugin API version (MAJOR.MINOR) this kdcli provides; ``kdcli.method`` re-exports it.
 API_VERSION = "2.1"
+
+# The largest training seed (torch's generators take 64-bit seeds); ``--seeds`` checks it before the config loads.
+MAX_SEED = 2**63 - 1

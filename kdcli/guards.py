@@ -48,7 +48,8 @@ class StopSignals:
         if not enabled or threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        # A signal ignored since start-up (``nohup``, a ``cmd &`` job of a script) stays ignored, as Unix programs do.
+        previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN}
         try:
             yield
         finally:

@@ -3,6 +3,10 @@
 It imports the CLI itself, holding an interrupt during the seconds torch takes
 to import until the import is whole, and after the command it keeps one for the teardown
 (flushing, freeing torch), where Python would otherwise die of the signal.
+
+Started with SIGINT ignored (``nohup``, a ``cmd &`` job of a non-interactive
+shell), kdcli leaves it ignored, as Unix programs do; SIGTERM still stops
+training with an exact resume state.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ def main() -> None:
 def _interrupts_held() -> Iterator[list[int]]:
     """Hold Ctrl-C until the block ends: interrupting an import half-way leaves modules that fail later, elsewhere."""
     received: list[int] = []
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started with Ctrl-C ignored: kdcli leaves it so
+        yield received
+        return
     previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
         yield received

@@ -8,6 +8,7 @@ directory per seed, ``seed-N/``.  Everything here is read from those files.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -15,11 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdcli.errors import UsageError
+from kdcli.config import MAX_DEPTH, check_tree
+from kdcli.errors import UsageError, one_line
 
+_LARGEST_FLOAT = 1.7976931348623157e308  # an integer beyond this cannot become a float
 SEED_GROUP_MANIFEST = "seeds.json"
 SEED_DIR_PREFIX = "seed-"
 # Epoch-record numbers that describe the run's speed or bookkeeping, not the model.
+MAX_JSON_BYTES = 64 << 20  # a run's JSON files are kilobytes; a metrics.jsonl of 10^5 epochs is a few MiB
 NOT_METRICS = frozenset({"epoch", "lr", "time_s", "samples_per_s", "skipped_steps"})
 
 
@@ -35,7 +39,7 @@ def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
         if isinstance(value, dict):
             flat.update(flatten(value, f"{name}/"))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[name] = float(value)
+            flat[name] = float(value) if abs(value) <= _LARGEST_FLOAT else math.copysign(math.inf, value)
     return flat
 
 
@@ -46,7 +50,7 @@ def epoch_metrics(record: dict[str, Any]) -> dict[str, float]:
 
 def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """A finished run's numbers: ``test/*`` on the deployed model, then the last epoch's."""
-    final = {f"test/{key}": float(value) for key, value in (summary.get("test") or {}).items()}
+    final = {f"test/{key}": value for key, value in flatten(summary.get("test") or {}).items()}
     final.update(epoch_metrics(summary.get("final_epoch") or {}))
     return final
 
@@ -72,21 +76,60 @@ def aggregate(per_seed: dict[int, dict[str, float]]) -> dict[str, dict[str, floa
     return result
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file kdcli wrote, read as untrusted input: bounded in size and depth, one error line if broken."""
+    return _parsed(_bounded_text(path, what), path, what)
+
+
+def read_jsonl(path: Path, what: str) -> list[Any]:
+    """One JSON value per non-empty line, with the same limits as ``read_json``."""
+    return [_parsed(line, path, what) for line in _bounded_text(path, what).splitlines() if line.strip()]
+
+
+def _bounded_text(path: Path, what: str) -> str:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from None
+        if not path.is_file():
+            raise UsageError(f"cannot read {path}: not a regular file")
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise UsageError(f"cannot read {path}: larger than {MAX_JSON_BYTES >> 20} MiB, too large for {what}")
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {one_line(str(exc))}") from None
+
+
+def _parsed(text: str, path: Path, what: str) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"cannot read {path}: not valid JSON for {what} ({one_line(str(exc))})") from None
+    except RecursionError:
+        raise UsageError(f"cannot read {path}: {what} nested deeper than {MAX_DEPTH} levels") from None
+    check_tree(value, str(path))
+    return value
+
+
+def _require(value: Any, kind: type, path: Path, what: str) -> Any:
+    if not isinstance(value, kind):
+        raise UsageError(f"cannot read {path}: {what} must be a JSON {'object' if kind is dict else kind.__name__}")
+    return value
 
 
 def read_history(run: Path) -> list[dict[str, Any]]:
     path = run / "metrics.jsonl"
-    if not path.is_file():
+    if not path.exists():
         return []
-    try:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from None
+    records = [_require(record, dict, path, "each epoch record") for record in read_jsonl(path, "epoch records")]
+    for record in records:
+        if not isinstance(record.get("epoch"), int) or isinstance(record.get("epoch"), bool):
+            raise UsageError(f"cannot read {path}: an epoch record without an integer epoch")
+    return records
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    summary = _require(read_json(path, "a run summary"), dict, path, "a run summary")
+    for section in ("test", "final_epoch"):
+        _require(summary.get(section) or {}, dict, path, f"its {section!r}")
+    return summary
 
 
 @dataclass
@@ -97,6 +140,11 @@ class RunRecord:
     config: dict[str, Any]
     history: list[dict[str, Any]]
     summary: dict[str, Any] | None
+
+    @functools.cached_property
+    def flat_history(self) -> list[tuple[int, dict[str, float]]]:
+        """Each epoch and its record flattened, once (a method may log hundreds of numbers per epoch)."""
+        return [(int(record["epoch"]), flatten(record)) for record in self.history]
 
     @property
     def final(self) -> dict[str, float]:
@@ -127,8 +175,9 @@ def read_run(path: Path) -> RunRecord:
     if not config_path.is_file():
         raise UsageError(f"{path} is not a kdcli run directory (no config.json) nor a seed group (no {SEED_GROUP_MANIFEST})")
     summary_path = path / "summary.json"
-    summary = _read_json(summary_path) if summary_path.is_file() else None
-    return RunRecord(path, _read_json(config_path), read_history(path), summary)
+    summary = read_summary(summary_path) if summary_path.exists() else None
+    config = _require(read_json(config_path, "a run config"), dict, config_path, "a run config")
+    return RunRecord(path, config, read_history(path), summary)
 
 
 def read_results(path: Path) -> ResultSet:

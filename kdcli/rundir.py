@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdcli.checkpoint import TEMPORARY_PATTERN, atomic_write_bytes
 from kdcli.errors import UsageError
+from kdcli.files import TEMPORARY_PATTERN, atomic_write_bytes, check_target
 from kdcli.teacher_cache import CACHE_FOLDER
 
 MARKER = ".kdcli-run"  # written first into every run directory kdcli creates
@@ -208,4 +208,6 @@ def existing_run_dir(root: Path) -> RunDir:
     run_dir = RunDir(root)
     if not run_dir.config_path.is_file():
         raise UsageError(f"cannot resume {root}: not a kdcli run directory (no config.json)")
+    for name in OWNED_FILES:  # the files the resumed run rewrites: a link among them is refused now, not epochs later
+        check_target(root / name)
     return run_dir

@@ -41,7 +41,7 @@ def test_timm_loads_the_export_with_the_same_logits(timm_student: Path, tmp_path
     result = run_cli("export", checkpoint, out, "--json")
     assert result.exit_code == 0, result
     assert result.json()["timm_native"] is True
-    assert {path.name for path in out.iterdir()} == {"model.safetensors", "config.json", "README.md"}
+    assert {path.name for path in out.iterdir()} == {"model.safetensors", "config.json", "README.md", ".kdcli-export.json"}
     model, info = model_from_checkpoint(checkpoint)
     inputs = torch.randn(4, *info.input_size, generator=torch.Generator().manual_seed(0))
     torch.save(inputs, tmp_path / "inputs.pt")

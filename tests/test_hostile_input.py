@@ -152,9 +152,30 @@ def test_ctrl_c_while_importing_or_training_is_one_line(delay: float, tmp_path: 
     started = time.monotonic()
     subprocess.run([sys.executable, "-c", "import kdcli.launch"], env=env, check=True)
     startup = time.monotonic() - started
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    # The suite may run with SIGINT ignored (``make test &``, nohup); a user's kdcli starts with it at its default.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, preexec_fn=_default_sigint)
     time.sleep(startup + delay)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert process.returncode == 130 and len(lines) == 1 and lines[0].startswith("kdcli: error: interrupted"), stderr
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_started_with_sigint_ignored_it_stays_ignored_and_sigterm_stops(tmp_path: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [*KDCLI, "teach", "--model", "cifar_resnet8", "--out", str(tmp_path / "r"), "--epochs", "50", *TINY]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    while not (tmp_path / "r" / "resume.safetensors").exists() and process.poll() is None:  # training has begun
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert process.poll() is None, "SIGINT stopped a kdcli started with SIGINT ignored"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert process.returncode != 0 and len(lines) == 1 and "terminated (SIGTERM)" in lines[0], stderr

@@ -87,3 +87,16 @@ def test_runner_trains_a_row_on_tiny_settings_and_reads_it_back(tmp_path: Path, 
     monkeypatch.setattr(sys, "argv", argv)  # a rerun trains nothing: finished runs are read back
     run_table.main()
     assert json.loads((tmp_path / "dkd.json").read_text())["resnet56 -> resnet20"] == results
+
+
+def test_runner_refuses_a_link_at_its_report_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    precious = tmp_path / "precious.md"
+    precious.write_text("mine")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "dkd.md").symlink_to(precious)
+    monkeypatch.setattr(sys, "argv", ["run_table.py", str(EXAMPLES / "tables" / "dkd.toml"), "--rows", "resnet56 -> resnet20", "--out", str(out)])
+    with pytest.raises(SystemExit) as stopped:
+        run_table.main()
+    assert stopped.value.code == 2 and "symbolic link" in capsys.readouterr().err
+    assert precious.read_text() == "mine" and sorted(path.name for path in out.iterdir()) == ["dkd.md"]

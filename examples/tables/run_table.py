@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from kdcli.config import build_config
+from kdcli.errors import KdcliError
+from kdcli.files import atomic_write_bytes, check_target
 from kdcli.jobs.train import run_training
 
 EXAMPLES = Path(__file__).resolve().parents[1]
@@ -152,6 +154,12 @@ def main() -> None:
     if args.dry_run:
         dry_run(rows, args.out)
         return
+    report_md, report_json = args.out / f"{args.table.stem}.md", args.out / f"{args.table.stem}.json"
+    try:
+        for path in (report_md, report_json):  # kdcli's rule for every file it writes, checked before the first run trains
+            check_target(path)
+    except KdcliError as exc:
+        parser.error(str(exc))
     overrides = list(args.overrides)
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
@@ -160,8 +168,8 @@ def main() -> None:
     results = {row.name: run_row(row, args.out, overrides) for row in rows}
     report = markdown(title, rows, results)
     print(report)
-    (args.out / f"{args.table.stem}.md").write_text(report)
-    (args.out / f"{args.table.stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_bytes(report_md, report.encode())
+    atomic_write_bytes(report_json, (json.dumps(results, indent=2) + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ class DataBundle:
     hflip: bool  # recipe default for random horizontal flips
     recipe: TrainRecipe | None = None  # a streamed set's training view (its splits are FileSplits); None: in memory
     unreadable: tuple[str, ...] = ()  # training files left out because they do not decode (in memory)
+    notes: tuple[str, ...] = ()  # one-line notes for the user about settings the data set adjusted
 
 
 def split_train_val(split: ImageSplit, fraction: float, seed: int) -> tuple[ImageSplit, ImageSplit | None]:

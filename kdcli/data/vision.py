@@ -16,6 +16,7 @@ from kdcli.data.memory import require_memory
 from kdcli.data.recipes import AutoAugment, EvalView, TrainRecipe
 from kdcli.data.stream import BOMB, UNREADABLE, FileSplit, OnCorrupt, decode_rgb
 from kdcli.errors import KdcliError, UsageError, one_line
+from kdcli.files import require_regular_file
 
 CIFAR_STATS = {
     10: (datasets.CIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -97,10 +98,20 @@ def load_imagefolder(
     # Streamed views are made a batch at a time: refuse sizes no batch of them could fit (float32 after normalizing).
     require_memory(f"a batch of 64 views of {image_size}x{image_size} pixels", 64 * 3 * image_size**2 * 4, "data.image_size")
     view = EvalView(image_size, crop_pct)
-    count = min(8, os.cpu_count() or 1) if workers is None else workers
+    count, notes = _worker_count(workers)
     train, test = (_file_split(dataset, view, count, on_corrupt) for dataset in (train_set, val_set))
     recipe = TrainRecipe(image_size, IMAGENET_MEAN, IMAGENET_STD, scale=(crop_scale_min, 1.0), auto_augment=auto_augment)
-    return _bundle(len(train_set.classes), image_size, train, test, recipe)
+    return replace(_bundle(len(train_set.classes), image_size, train, test, recipe), notes=notes)
+
+
+def _worker_count(workers: int | None) -> tuple[int, tuple[str, ...]]:
+    """Decoding processes: at most one per CPU (each holds a copy of the loader; 500 of them exhaust memory)."""
+    cpus = os.cpu_count() or 1
+    if workers is None:
+        return min(8, cpus), ()
+    if workers > cpus:
+        return cpus, (f"note: data.workers={workers} capped at {cpus}, the number of CPUs",)
+    return workers, ()
 
 
 def _scan(path: Path) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
@@ -145,6 +156,8 @@ def _image_folder(folder: Path) -> datasets.ImageFolder:
         dataset = datasets.ImageFolder(str(folder))
     except FileNotFoundError as error:  # no class folders, or no images in one
         raise KdcliError(f"no images found in {folder}: {error}") from error
+    for file, _ in dataset.samples:  # before any file is opened: reading a FIFO blocks forever
+        require_regular_file(Path(file), "image")
     return dataset
 
 

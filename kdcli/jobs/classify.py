@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,14 @@ from torchvision.transforms import v2
 from kdcli.checkpoint import CheckpointInfo
 from kdcli.config import TrainConfig, format_validation_error
 from kdcli.data.bundle import ImageSplit
+from kdcli.data.memory import require_memory
 from kdcli.errors import KdcliError, UsageError, one_line
+from kdcli.files import require_regular_file
 from kdcli.inference import predict
 from kdcli.jobs.common import model_from_checkpoint
 from kdcli.runtime import runtime_for
+
+PIXEL_BUDGET = 1 << 26  # 67 Mpixel per decoded or resized image: 200 MB as RGB, beyond any photo a classifier reads
 
 
 def classify_images(checkpoint: Path, images: list[Path], *, top_k: int = 5, device: str = "auto", batch_size: int = 64) -> list[dict[str, Any]]:
@@ -31,6 +36,7 @@ def classify_images(checkpoint: Path, images: list[Path], *, top_k: int = 5, dev
     except ValidationError as exc:
         raise UsageError(f"invalid --device: {format_validation_error(exc)}") from None
     model, info = model_from_checkpoint(checkpoint)
+    check_input_size(info, checkpoint, len(images))
     pixels = torch.stack([load_image(path, info) for path in images])
     with runtime_for(settings) as runtime:
         split = ImageSplit(pixels, torch.zeros(len(images), dtype=torch.int64))
@@ -53,14 +59,36 @@ def load_image(path: Path, info: CheckpointInfo) -> Tensor:
     channels, height, width = info.input_size
     if channels not in (1, 3):
         raise KdcliError(f"predict reads RGB or grayscale images; the checkpoint expects {channels} channels")
+    require_regular_file(path, "image")
     resize = v2.Compose([v2.Resize(min(height, width)), v2.CenterCrop((height, width)), v2.PILToTensor()])
     try:
-        with Image.open(path) as image:
-            return resize(image.convert("RGB" if channels == 3 else "L"))
-    except Image.DecompressionBombError as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's warning becomes our one line
+            with Image.open(path) as image:  # reads the header only: the pixel budget is checked before decoding
+                _check_pixels(path, image.size, min(height, width))
+                return resize(image.convert("RGB" if channels == 3 else "L"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise KdcliError(f"refusing image {path}: a decompression bomb ({one_line(str(error), 160)})") from None
-    except (OSError, UnidentifiedImageError) as error:
-        raise KdcliError(f"cannot read image {path}: {one_line(str(error))}") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:  # ValueError: PIL's chunk-size limits
+        raise KdcliError(f"cannot read image {path}: {one_line(str(error)) or type(error).__name__}") from None
+
+
+def _check_pixels(path: Path, size: tuple[int, int], short_side: int) -> None:
+    """Refuse an image whose decoded or resized pixels exceed ``PIXEL_BUDGET`` (a 1x10^7 strip resizes to gigapixels)."""
+    width, height = size
+    scale = short_side / max(1, min(width, height))
+    resized = round(width * scale) * round(height * scale)
+    if width * height > PIXEL_BUDGET or resized > PIXEL_BUDGET:
+        raise KdcliError(f"refusing image {path}: {width}x{height} pixels (resized to a short side of {short_side}: {resized}) "
+                         f"exceed predict's budget of {PIXEL_BUDGET} pixels")
+
+
+def check_input_size(info: CheckpointInfo, checkpoint: Path, count: int) -> None:
+    """The model input the checkpoint asks for, checked against the pixel budget and memory before any image is read."""
+    channels, height, width = info.input_size
+    if height * width > PIXEL_BUDGET:
+        raise KdcliError(f"{checkpoint} asks for inputs of {height}x{width} pixels, more than predict's budget of {PIXEL_BUDGET}")
+    require_memory(f"{count} images of {channels}x{height}x{width}", count * channels * height * width * 5, "the number of images")
 
 
 def class_names(info: CheckpointInfo) -> list[str] | None:

@@ -23,7 +23,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from kdcli.checkpoint import CheckpointInfo, save_checkpoint
+from kdcli.checkpoint import CheckpointInfo, check_target, read_checkpoint_info, save_checkpoint
 from kdcli.config import DataConfig
 from kdcli.errors import KdcliError, UsageError
 from kdcli.jobs.common import load_data, new_model, require_model
@@ -99,10 +99,7 @@ def convert_checkpoint(
     overwrite: bool = False,
 ) -> ConvertSummary:
     """Read ``source`` safely, fit it to ``arch`` and write ``output`` as a kdcli checkpoint."""
-    if output.suffix != ".safetensors":
-        raise UsageError(f"the output must be a .safetensors file (got {output})")
-    if output.exists() and not overwrite:
-        raise UsageError(f"{output} exists; pass --overwrite to replace it")
+    _check_output(output, source, overwrite=overwrite)
     prefix_map = parse_renames(renames or [])
     loaded = load_weights_only(source)
     weights, found_at = find_state_dict(loaded, key, source)
@@ -128,8 +125,23 @@ def convert_checkpoint(
         data=data_config,
         config={"converted_from": {"file": source.name, "sha256": _sha256(source), "key": found_at, "renamed": renamed}},
     )
-    save_checkpoint(output, model.state_dict(), info)
+    save_checkpoint(output, model.state_dict(), info, reads=(source,))
     return ConvertSummary(source, output, arch, found_at, renamed, len(weights), info)
+
+
+def _check_output(output: Path, source: Path, *, overwrite: bool) -> None:
+    """A new .safetensors file, or with ``overwrite`` a kdcli checkpoint (its metadata says so), never the source."""
+    if output.suffix != ".safetensors":
+        raise UsageError(f"the output must be a .safetensors file (got {output})")
+    check_target(output, reads=(source,))
+    if not output.exists():
+        return
+    if not overwrite:
+        raise UsageError(f"{output} exists; pass --overwrite to replace it")
+    try:
+        read_checkpoint_info(output)
+    except KdcliError:
+        raise UsageError(f"refusing to overwrite {output}: it is not a kdcli checkpoint, and kdcli replaces only files it wrote") from None
 
 
 # -- reading ---------------------------------------------------------------------------

@@ -11,22 +11,26 @@ needs ``import kdcli.models`` first, which registers it with timm.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import timm
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 from torch import nn
 
-from kdcli.checkpoint import CheckpointInfo, checkpoint_digest
+from kdcli.checkpoint import CheckpointInfo, atomic_write_bytes, check_target, checkpoint_digest, file_sha256
 from kdcli.errors import KdcliError, UsageError, first_line
 from kdcli.jobs.common import model_from_checkpoint
 from kdcli.jobs.evaluate import teacher_chain
-from kdcli.results import NOT_METRICS
+from kdcli.results import NOT_METRICS, flatten, read_json
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
+EXPORT_FILES = (WEIGHTS, CONFIG, CARD)
+MANIFEST = ".kdcli-export.json"  # the files an export wrote, with their digests: --overwrite replaces only those
+EXPORT_FORMAT = "kdcli-export"
 
 
 @dataclass
@@ -38,34 +42,70 @@ class ExportSummary:
     pushed_to: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        files = [str(self.out / name) for name in (WEIGHTS, CONFIG, CARD)]
+        files = [str(self.out / name) for name in EXPORT_FILES]
         return {"checkpoint": str(self.checkpoint), "out_dir": str(self.out), "arch": self.arch, "files": files,
                 "timm_native": self.timm_native, "pushed_to": self.pushed_to}
 
 
-def _remove_export(out: Path) -> None:
-    """Replace only an earlier export: a folder holding anything but its three files is the user's."""
-    if not out.is_dir() or not {entry.name for entry in out.iterdir()} <= {WEIGHTS, CONFIG, CARD}:
-        raise UsageError(f"refusing to overwrite {out}: it holds more than an export's {WEIGHTS}, {CONFIG} and {CARD}")
-    for name in (WEIGHTS, CONFIG, CARD):
-        (out / name).unlink(missing_ok=True)
+def _check_out(out: Path, checkpoint: Path, *, overwrite: bool) -> None:
+    """Everything about OUT, before any work: no link, no input among the targets, only files a manifest records."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder")
+    for name in (*EXPORT_FILES, MANIFEST):
+        check_target(out / name, reads=(checkpoint, checkpoint.parent / "summary.json"))
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise UsageError(f"{out} already exists and is not empty; choose another folder or overwrite it")
+    recorded = _recorded(out)
+    for name in EXPORT_FILES:
+        target = out / name
+        if target.exists() and file_sha256(target) not in recorded.get(name, ()):
+            raise UsageError(f"refusing to overwrite {target}: kdcli did not write it, or it changed since (not as recorded in {out / MANIFEST})")
+
+
+def _recorded(out: Path) -> dict[str, list[str]]:
+    """The digests the export manifest records per file name; a folder without one was not made by ``export``."""
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        raise UsageError(f"refusing to overwrite {out}: kdcli did not export into it (no {MANIFEST}); kdcli replaces only files it wrote")
+    saved = read_json(manifest, "an export manifest")
+    files = saved.get("files") if isinstance(saved, dict) and saved.get("format") == EXPORT_FORMAT else None
+    if not isinstance(files, dict) or not all(isinstance(digests, list) for digests in files.values()):
+        raise UsageError(f"refusing to overwrite {out}: {manifest} is not a kdcli export manifest")
+    return files
+
+
+def _write_export(out: Path, payloads: dict[str, bytes], reads: tuple[Path, ...]) -> None:
+    """Each file atomically; the manifest first records old and new digests, so a cut-short export stays replaceable."""
+    new = {name: [hashlib.sha256(payload).hexdigest()] for name, payload in payloads.items()}
+    previous = {name: [file_sha256(out / name)] for name in payloads if (out / name).is_file()}
+    _write_manifest(out, {name: new[name] + previous.get(name, []) for name in payloads})
+    for name, payload in payloads.items():
+        atomic_write_bytes(out / name, payload, reads=reads)
+    _write_manifest(out, new)
+
+
+def _write_manifest(out: Path, files: dict[str, list[str]]) -> None:
+    record = {"format": EXPORT_FORMAT, "files": files}
+    atomic_write_bytes(out / MANIFEST, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False, push_to: str | None = None) -> ExportSummary:
     """Write the Hub layout of ``checkpoint`` into ``out`` (and upload it to ``push_to``); checks come first."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UsageError(f"{out} already exists and is not empty; choose another folder or overwrite it")
+    _check_out(out, checkpoint, overwrite=overwrite)
     hub = hub_api() if push_to is not None else None
     model, info = model_from_checkpoint(checkpoint)
     model.eval()
     run_summary = deployed_summary(checkpoint)
-    if out.exists() and overwrite:
-        _remove_export(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()}, str(out / WEIGHTS), metadata={"format": "pt"})
-    (out / CONFIG).write_text(json.dumps(hub_config(model, info), indent=2) + "\n", encoding="utf-8")
     native = type(model).__module__.startswith("timm.")
-    (out / CARD).write_text(model_card(info, checkpoint, run_summary, native=native), encoding="utf-8")
+    weights = {key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()}
+    payloads = {
+        WEIGHTS: save_bytes(weights, metadata={"format": "pt"}),
+        CONFIG: (json.dumps(hub_config(model, info), indent=2) + "\n").encode(),
+        CARD: model_card(info, checkpoint, run_summary, native=native).encode(),
+    }
+    _write_export(out, payloads, reads=(checkpoint,))
     result = ExportSummary(checkpoint, out, info.arch, native)
     if hub is not None and push_to is not None:
         result.pushed_to = push(hub, push_to, out)
@@ -77,7 +117,9 @@ def deployed_summary(checkpoint: Path) -> dict[str, Any] | None:
     path = checkpoint.parent / "summary.json"
     if not path.is_file():
         return None
-    summary = json.loads(path.read_text(encoding="utf-8"))
+    summary = read_json(path, "a run summary")
+    if not isinstance(summary, dict):
+        raise KdcliError(f"{path} is not a kdcli run summary (not a JSON object)")
     deployed = "best.safetensors" if summary.get("best_epoch") is not None else "last.safetensors"
     return summary if checkpoint.name == deployed else None
 
@@ -160,7 +202,8 @@ def _usage(info: CheckpointInfo, native: bool) -> list[str]:
 
 
 def _metrics_section(info: CheckpointInfo, run_summary: dict[str, Any] | None) -> list[str]:
-    rows = [(f"test {key}", value) for key, value in ((run_summary or {}).get("test") or {}).items()]
+    test = (run_summary or {}).get("test")
+    rows = [(f"test {key}", value) for key, value in flatten(test if isinstance(test, dict) else {}).items()]
     rows += [(f"epoch {info.epoch} {key}", value) for key, value in info.metrics.items() if key not in NOT_METRICS]
     if not rows:
         return []
@@ -201,7 +244,7 @@ def hub_api() -> Any:
 def push(api: Any, repo_id: str, folder: Path) -> str:
     try:
         url = api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(repo_id=url.repo_id, folder_path=str(folder), commit_message="Add model exported by kdcli")
+        api.upload_folder(repo_id=url.repo_id, folder_path=str(folder), commit_message="Add model exported by kdcli", ignore_patterns=[MANIFEST])
     except Exception as exc:  # network, permissions: the export itself is complete on disk
         raise KdcliError(f"{folder} is written, but the upload to {repo_id} failed: {type(exc).__name__}: {first_line(exc)}") from None
     return str(url.repo_id)

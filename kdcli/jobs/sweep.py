@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdcli.checkpoint import TEMPORARY_PATTERN, atomic_write_bytes, read_checkpoint_info
+from kdcli.checkpoint import TEMPORARY_PATTERN, atomic_write_bytes, check_target, read_checkpoint_info
 from kdcli.config import build_config, load_resolved_config
 from kdcli.data.bundle import DataBundle
 from kdcli.errors import KdcliError, UsageError
@@ -34,7 +34,7 @@ from kdcli.jobs.evaluate import evaluate_checkpoint
 from kdcli.jobs.build import RunSpec, resolve_run
 from kdcli.jobs.train import Notify, TrainingSummary, train
 from kdcli.registry import get_method
-from kdcli.results import aggregate, seed_dir
+from kdcli.results import aggregate, read_json, seed_dir
 from kdcli.rundir import RunDir, check_replaceable, is_kdcli_run, remove_run
 
 SWEEP_FORMAT = "kdcli-sweep"
@@ -130,11 +130,13 @@ def prepare_sweep_dir(out: Path, recipe: RunSpec, *, overwrite: bool, reads: tup
     record = {"format": SWEEP_FORMAT, "recipe": recipe.config.model_dump(mode="json")}
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
+    for name in SWEEP_FILES:  # what the sweep writes at its end: a link there is refused before training
+        check_target(out / name, reads=reads)
     if out.exists() and any(out.iterdir()) and not overwrite:
         if not manifest.is_file():
             raise UsageError(f"{out} exists and is not a kdcli sweep directory; choose another --out or pass --overwrite")
-        saved = json.loads(manifest.read_text(encoding="utf-8"))
-        if saved.get("format") != SWEEP_FORMAT or _comparable(saved.get("recipe", {})) != _comparable(record["recipe"]):
+        saved = read_json(manifest, "a sweep index")
+        if not isinstance(saved, dict) or saved.get("format") != SWEEP_FORMAT or _comparable(saved.get("recipe", {})) != _comparable(record["recipe"]):
             raise UsageError(f"{out} holds a sweep with a different recipe; choose another --out or pass --overwrite")
         return
     if out.exists() and any(out.iterdir()):
@@ -202,7 +204,10 @@ class _Sweep:
         entry_dir = self.out / "students" / run.label / checkpoint.stem
         finished = entry_dir / "entry.json"
         if finished.is_file():
-            return json.loads(finished.read_text(encoding="utf-8"))
+            row = read_json(finished, "a sweep entry")
+            if not isinstance(row, dict) or not set(COLUMNS) <= set(row):
+                raise UsageError(f"{finished} is not a kdcli sweep entry; remove it to distill that student again")
+            return row
         config = self.recipe.config
         teacher = evaluate_checkpoint(
             checkpoint, data_root=config.data.root, device=config.train.device,

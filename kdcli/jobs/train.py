@@ -194,6 +194,8 @@ def train(
     bundle = bundle if bundle is not None else load_data(config.data)
     if bundle.unreadable and notify is not None:
         notify(f"warning: left out {len(bundle.unreadable)} training images that do not decode, e.g. {bundle.unreadable[0]}")
+    for note in bundle.notes if notify is not None else ():
+        notify(note)
     teacher, teacher_info = None, None
     if config.teacher is not None:
         teacher, teacher_info = load_teacher(config.teacher)
