@@ -18,7 +18,7 @@ $(BIN)/python:
 
 # Re-install when the package metadata (dependencies, entry points) changes.
 $(VENV)/.installed: pyproject.toml $(PLUGIN_EXAMPLES:%=%/pyproject.toml) | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[test,plot,tensorboard,wandb,mlflow,hub]" $(PLUGIN_EXAMPLES:%=-e %)
+	$(BIN)/python -m pip install --quiet -e ".[test,plot,tensorboard,wandb,mlflow,hub,onnx]" $(PLUGIN_EXAMPLES:%=-e %)
 	touch $@
 
 venv install: $(VENV)/.installed

@@ -77,6 +77,7 @@ app = typer.Typer(
 methods_app = typer.Typer(help="List the installed methods and describe their hyperparameters.", no_args_is_help=True)
 app.add_typer(methods_app, name="methods")
 
+EXPORT_FORMATS = ("timm", "onnx")
 stdout = Console()
 stderr = Console(stderr=True, highlight=False)
 PIPED_WIDTH = 100_000  # wider than any table: nothing is cut or wrapped in a pipe or a file
@@ -701,27 +702,33 @@ def plot(
         _note(f"note: {len(result.left_out)} more panels left out (at most {len(result.titles)}): {one_line(', '.join(result.left_out), 200)}")
 
 
-@app.command(epilog="Examples: kdcli export runs/s/last.safetensors hub/student  ·  kdcli export runs/s/best.safetensors hub/student --push me/resnet18-kd")
+@app.command(epilog="Examples: kdcli export runs/s/last.safetensors hub/student  ·  kdcli export runs/s/best.safetensors hub/student --push me/resnet18-kd  ·  kdcli export runs/s/last.safetensors deploy --format onnx")
 @reports_errors
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A kdcli checkpoint (.safetensors).", show_default=False)],
-    out_dir: Annotated[Path, typer.Argument(help="The folder to write: model.safetensors, config.json, README.md.", show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(help="The folder to write: model.safetensors, config.json, README.md (or model.onnx).", show_default=False)],
+    export_format: Annotated[str, typer.Option("--format", help="timm: the folder timm loads from the Hub; onnx: model.onnx (dynamic batch; preprocessing and class names in its metadata; needs kdcli[onnx]).")] = "timm",
     push: Annotated[Optional[str], typer.Option("--push", help="Also upload the folder to this Hugging Face Hub repo (needs huggingface_hub and a login).", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing, non-empty OUT_DIR.")] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Write a checkpoint as the folder timm loads from the Hub: timm.create_model("local-dir:OUT_DIR", pretrained=True)."""
-    from kdcli.jobs.export import export_checkpoint
-
+    """Write a checkpoint as the folder timm loads from the Hub: timm.create_model("local-dir:OUT_DIR", pretrained=True); or as ONNX."""
+    if export_format not in EXPORT_FORMATS:
+        raise UsageError(f"--format takes {' or '.join(EXPORT_FORMATS)} (got {export_format!r})")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise UsageError(f"{out_dir} already exists and is not empty; choose another OUT_DIR or pass --overwrite")
-    result = export_checkpoint(checkpoint, out_dir, overwrite=overwrite, push_to=push)
+    from kdcli.jobs.export import export_checkpoint
+
+    result = export_checkpoint(checkpoint, out_dir, format=export_format, overwrite=overwrite, push_to=push)
     if json_output:
         _print_json(result.as_dict())
         return
-    stdout.print(f"{result.checkpoint} -> {result.out}: model.safetensors, config.json, README.md ({result.arch})", markup=False, soft_wrap=True)
-    load = f'timm.create_model("local-dir:{result.out}", pretrained=True)'
-    stdout.print(f"load: {load}" + ("" if result.timm_native else " after `import kdcli.models` (a kdcli architecture)"), markup=False, soft_wrap=True)
+    stdout.print(f"{result.checkpoint} -> {result.out}: {', '.join(result.files)} ({result.arch})", markup=False, soft_wrap=True)
+    if result.format == "onnx":
+        stdout.print('load: onnxruntime.InferenceSession(".../model.onnx"); preprocessing in get_modelmeta().custom_metadata_map', markup=False, soft_wrap=True)
+    else:
+        load = f'timm.create_model("local-dir:{result.out}", pretrained=True)'
+        stdout.print(f"load: {load}" + ("" if result.timm_native else " after `import kdcli.models` (a kdcli architecture)"), markup=False, soft_wrap=True)
     if result.pushed_to:
         stdout.print(f"pushed: https://huggingface.co/{result.pushed_to}", markup=False, soft_wrap=True)
 

@@ -124,3 +124,60 @@ def test_refusals_come_before_any_file(timm_student: Path, tmp_path: Path, monke
     assert not (tmp_path / "new").exists()
     result = run_cli("export", tmp_path / "missing.safetensors", tmp_path / "other")
     assert result.exit_code == 1 and result.stderr.startswith("kdcli: error:") and not (tmp_path / "other").exists()
+
+
+# -- ONNX -------------------------------------------------------------------------------------
+
+RUN_WITH_ONNXRUNTIME = """
+import json, sys
+import numpy as np, onnxruntime
+session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+inputs = np.load(sys.argv[2])
+logits = session.run(["logits"], {"input": inputs})[0]
+assert not any(name == "kdcli" or name.startswith("kdcli.") or name == "torch" for name in sys.modules), "kdcli or torch was imported"
+meta = {key: json.loads(value) for key, value in session.get_modelmeta().custom_metadata_map.items()}
+print(json.dumps({"logits": logits.tolist(), "meta": meta, "batch": session.get_inputs()[0].shape[0]}))
+"""
+
+
+@pytest.mark.parametrize("architecture", ["timm resnet10t", "cifar zoo"])
+def test_onnx_export_runs_in_onnxruntime_with_the_same_logits(architecture: str, timm_student: Path, teacher_run: Path, tmp_path: Path) -> None:
+    """``--format onnx``: a process with onnxruntime and numpy alone gets PyTorch's logits for any batch size."""
+    checkpoint = (timm_student if architecture.startswith("timm") else teacher_run) / "last.safetensors"
+    out = tmp_path / "deploy"
+    result = run_cli("export", checkpoint, out, "--format", "onnx", "--json")
+    assert result.exit_code == 0, result
+    assert result.json()["files"] == [str(out / "model.onnx")]
+    assert {path.name for path in out.iterdir()} == {"model.onnx", ".kdcli-export.json"}
+    model, info = model_from_checkpoint(checkpoint)
+    inputs = torch.randn(5, *info.input_size, generator=torch.Generator().manual_seed(0))  # 5: not the traced batch of 2
+    np_path = tmp_path / "inputs.npy"
+    __import__("numpy").save(np_path, inputs.numpy())
+    with torch.no_grad():
+        expected = model.eval()(inputs)
+    probe = subprocess.run([sys.executable, "-c", RUN_WITH_ONNXRUNTIME, str(out / "model.onnx"), str(np_path)],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    loaded = json.loads(probe.stdout)
+    assert (torch.tensor(loaded["logits"]) - expected).abs().max().item() <= 1e-4
+    assert not isinstance(loaded["batch"], int)  # a named, dynamic batch dimension
+    meta = loaded["meta"]
+    assert meta["mean"] == pytest.approx(list(info.mean)) and meta["std"] == pytest.approx(list(info.std))
+    assert meta["input_size"] == list(info.input_size) and meta["architecture"] == info.arch
+    assert meta["class_names"] == [str(index) for index in range(info.num_classes)]  # the synthetic set has no folder names
+
+
+def test_onnx_beside_a_timm_export_keeps_both_replaceable(teacher_run: Path, tmp_path: Path) -> None:
+    checkpoint, out = teacher_run / "last.safetensors", tmp_path / "both"
+    assert run_cli("export", checkpoint, out).exit_code == 0
+    assert run_cli("export", checkpoint, out, "--format", "onnx", "--overwrite").exit_code == 0
+    recorded = json.loads((out / ".kdcli-export.json").read_text())["files"]
+    assert set(recorded) == {"model.safetensors", "config.json", "README.md", "model.onnx"}
+    assert run_cli("export", checkpoint, out, "--overwrite").exit_code == 0  # the timm files are still kdcli's
+
+
+def test_an_unknown_export_format_is_one_line_before_any_file(teacher_run: Path, tmp_path: Path) -> None:
+    result = run_cli("export", teacher_run / "last.safetensors", tmp_path / "x", "--format", "tflite")
+    assert result.exit_code != 0 and result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("kdcli: error: --format takes timm or onnx")
+    assert not (tmp_path / "x").exists()

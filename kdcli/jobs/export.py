@@ -1,4 +1,4 @@
-"""``export``: a checkpoint as the folder timm loads from the Hugging Face Hub.
+"""``export``: a checkpoint as the folder timm loads from the Hugging Face Hub, or as one ONNX file.
 
 ``OUT_DIR/model.safetensors`` (the bare state dict), ``config.json``
 (architecture, num_classes, model_args and pretrained_cfg with the input size,
@@ -6,7 +6,8 @@ normalization and crop) and ``README.md``, a model card with the metrics, the
 method and its hyperparameters, the teacher and the data set.  A timm
 architecture loads with ``timm.create_model("local-dir:OUT_DIR", pretrained=True)``
 or, once pushed, ``"hf-hub:REPO_ID"``; a kdcli zoo architecture (``cifar_*``)
-needs ``import kdcli.models`` first, which registers it with timm.
+needs ``import kdcli.models`` first, which registers it with timm.  With
+``--format onnx`` the folder holds ``model.onnx`` instead (kdcli/jobs/onnx_export.py).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from torch import nn
 
 from kdcli.checkpoint import CheckpointInfo, atomic_write_bytes, check_target, checkpoint_digest, file_sha256
 from kdcli.errors import KdcliError, UsageError, first_line
+from kdcli.jobs.classify import class_names
 from kdcli.jobs.common import model_from_checkpoint
+from kdcli.jobs.onnx_export import ONNX_FILE, onnx_bytes, onnx_metadata, require_exporter
 from kdcli.jobs.evaluate import teacher_chain
 from kdcli.results import NOT_METRICS, flatten, read_json
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
-EXPORT_FILES = (WEIGHTS, CONFIG, CARD)
+LAYOUTS = {"timm": (WEIGHTS, CONFIG, CARD), "onnx": (ONNX_FILE,)}  # the files each export format writes
 MANIFEST = ".kdcli-export.json"  # the files an export wrote, with their digests: --overwrite replaces only those
 EXPORT_FORMAT = "kdcli-export"
 
@@ -39,26 +42,31 @@ class ExportSummary:
     out: Path
     arch: str
     timm_native: bool  # False: a model plugin's architecture, which timm knows only once the plugin is imported
+    format: str = "timm"
     pushed_to: str | None = None
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        return LAYOUTS[self.format]
+
     def as_dict(self) -> dict[str, Any]:
-        files = [str(self.out / name) for name in EXPORT_FILES]
-        return {"checkpoint": str(self.checkpoint), "out_dir": str(self.out), "arch": self.arch, "files": files,
-                "timm_native": self.timm_native, "pushed_to": self.pushed_to}
+        files = [str(self.out / name) for name in self.files]
+        return {"checkpoint": str(self.checkpoint), "out_dir": str(self.out), "arch": self.arch, "format": self.format,
+                "files": files, "timm_native": self.timm_native, "pushed_to": self.pushed_to}
 
 
-def _check_out(out: Path, checkpoint: Path, *, overwrite: bool) -> None:
+def _check_out(out: Path, checkpoint: Path, files: tuple[str, ...], *, overwrite: bool) -> None:
     """Everything about OUT, before any work: no link, no input among the targets, only files a manifest records."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder")
-    for name in (*EXPORT_FILES, MANIFEST):
+    for name in (*files, MANIFEST):
         check_target(out / name, reads=(checkpoint, checkpoint.parent / "summary.json"))
     if not out.exists() or not any(out.iterdir()):
         return
     if not overwrite:
         raise UsageError(f"{out} already exists and is not empty; choose another folder or overwrite it")
     recorded = _recorded(out)
-    for name in EXPORT_FILES:
+    for name in files:
         target = out / name
         if target.exists() and file_sha256(target) not in recorded.get(name, ()):
             raise UsageError(f"refusing to overwrite {target}: kdcli did not write it, or it changed since (not as recorded in {out / MANIFEST})")
@@ -80,10 +88,12 @@ def _write_export(out: Path, payloads: dict[str, bytes], reads: tuple[Path, ...]
     """Each file atomically; the manifest first records old and new digests, so a cut-short export stays replaceable."""
     new = {name: [hashlib.sha256(payload).hexdigest()] for name, payload in payloads.items()}
     previous = {name: [file_sha256(out / name)] for name in payloads if (out / name).is_file()}
-    _write_manifest(out, {name: new[name] + previous.get(name, []) for name in payloads})
+    # Files of the other format that an earlier export wrote here stay recorded, so they stay replaceable.
+    kept = {name: digests for name, digests in _recorded(out).items() if name not in payloads} if (out / MANIFEST).is_file() else {}
+    _write_manifest(out, {**kept, **{name: new[name] + previous.get(name, []) for name in payloads}})
     for name, payload in payloads.items():
         atomic_write_bytes(out / name, payload, reads=reads)
-    _write_manifest(out, new)
+    _write_manifest(out, {**kept, **new})
 
 
 def _write_manifest(out: Path, files: dict[str, list[str]]) -> None:
@@ -91,25 +101,41 @@ def _write_manifest(out: Path, files: dict[str, list[str]]) -> None:
     atomic_write_bytes(out / MANIFEST, (json.dumps(record, indent=2) + "\n").encode())
 
 
-def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False, push_to: str | None = None) -> ExportSummary:
-    """Write the Hub layout of ``checkpoint`` into ``out`` (and upload it to ``push_to``); checks come first."""
-    _check_out(out, checkpoint, overwrite=overwrite)
+def export_checkpoint(
+    checkpoint: Path, out: Path, *, format: str = "timm", overwrite: bool = False, push_to: str | None = None
+) -> ExportSummary:
+    """Write ``checkpoint`` into ``out`` in ``format`` (and upload it to ``push_to``); checks come first."""
+    if format not in LAYOUTS:
+        raise UsageError(f"unknown export format {format!r}; choose one of {', '.join(LAYOUTS)}")
+    _check_out(out, checkpoint, LAYOUTS[format], overwrite=overwrite)
+    if format == "onnx":
+        require_exporter()
     hub = hub_api() if push_to is not None else None
     model, info = model_from_checkpoint(checkpoint)
     model.eval()
-    run_summary = deployed_summary(checkpoint)
     native = type(model).__module__.startswith("timm.")
-    weights = {key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()}
-    payloads = {
-        WEIGHTS: save_bytes(weights, metadata={"format": "pt"}),
-        CONFIG: (json.dumps(hub_config(model, info), indent=2) + "\n").encode(),
-        CARD: model_card(info, checkpoint, run_summary, native=native).encode(),
-    }
+    payloads = onnx_payloads(model, info) if format == "onnx" else timm_payloads(model, info, checkpoint, native=native)
     _write_export(out, payloads, reads=(checkpoint,))
-    result = ExportSummary(checkpoint, out, info.arch, native)
+    result = ExportSummary(checkpoint, out, info.arch, native, format)
     if hub is not None and push_to is not None:
         result.pushed_to = push(hub, push_to, out)
     return result
+
+
+def timm_payloads(model: nn.Module, info: CheckpointInfo, checkpoint: Path, *, native: bool) -> dict[str, bytes]:
+    """The Hub layout: bare weights, timm's config.json and the model card."""
+    weights = {key: value.detach().cpu().contiguous().clone() for key, value in model.state_dict().items()}
+    return {
+        WEIGHTS: save_bytes(weights, metadata={"format": "pt"}),
+        CONFIG: (json.dumps(hub_config(model, info), indent=2) + "\n").encode(),
+        CARD: model_card(info, checkpoint, deployed_summary(checkpoint), native=native).encode(),
+    }
+
+
+def onnx_payloads(model: nn.Module, info: CheckpointInfo) -> dict[str, bytes]:
+    """``model.onnx`` with the preprocessing of timm's config and the class names in its metadata."""
+    metadata = onnx_metadata(hub_config(model, info)["pretrained_cfg"], info.arch, class_names(info))
+    return {ONNX_FILE: onnx_bytes(model.float().cpu(), info.input_size, metadata)}
 
 
 def deployed_summary(checkpoint: Path) -> dict[str, Any] | None:
