@@ -9,4 +9,4 @@ DEFAULT_METHODS: dict[str, str] = {"teach": "standard", "distill": "kd"}
 EVAL_SPLITS: tuple[str, ...] = ("test", "val", "train")
 
 # The plugin API version (MAJOR.MINOR) this kdcli provides; ``kdcli.method`` re-exports it.
-API_VERSION = "2.1"
+API_VERSION = "3.0"

@@ -23,18 +23,18 @@ from kdcli.config import RunConfig, TrainConfig
 from kdcli.data.augment import normalize
 from kdcli.data.loading import Augment, EpochBatches, Split, split_loader, training_epochs
 from kdcli.data.mixing import BatchMixing, MixedEpochs
-from kdcli.errors import KdcliError, ResumeHint
+from kdcli.errors import KdcliError, ResumeHint, first_line
 from kdcli.guards import FiniteWatch, NonFiniteLoss, StopSignals, finite_flags, nonfinite_message
 from kdcli.method import Method
 from kdcli.optim import build_optimizer, build_scheduler
 from kdcli.progress import PROGRESS_REFRESH_STEPS, TrainingConsole
 from kdcli.resume import NO_BEST, ResumeState
 from kdcli.rundir import RunDir
-from kdcli.runtime import Runtime
+from kdcli.runtime import Runtime, compile_errors
 from kdcli.seeds import epoch_seed
 from kdcli.step import Batch, StepOutput
 from kdcli.tally import EpochTally
-from kdcli.task import TrainableTask
+from kdcli.task import TrainableModule
 
 
 @dataclass
@@ -89,9 +89,10 @@ class Trainer:
         self.observers = observers or {}
         self.record_hooks = tuple(record_hooks)  # called with each epoch's record once it is saved
         self.console = TrainingConsole(enabled=show_progress and runtime.is_main)
-        self.task = TrainableTask(method)
+        self.task = TrainableModule(method)
         self.student = self.task.student
-        self.model = runtime.wrap(self.task, config.train)  # the one wrapped module whose forward is a step
+        self.model = runtime.wrap(self.task, config.train)  # the one wrapped module: the student's forward
+        method.use_student_forward(self.model)
         self.parameters = list(self.task.parameters())
         train = config.train
         self.train_loader = training_loader(data, train, runtime)
@@ -161,6 +162,8 @@ class Trainer:
                         break
             except KeyboardInterrupt:
                 raise KdcliError(f"interrupted, stopped at once; {self._on_disk()}", exit_code=130, resume=self._hint()) from None
+            except compile_errors() as exc:  # evaluated only when something was raised
+                raise KdcliError(f"torch.compile failed: {first_line(exc)}; {self._on_disk()}; train without it: --set train.compile=false") from None
         return self.history
 
     def _run_epoch(self, epoch: int) -> bool:
@@ -235,7 +238,7 @@ class Trainer:
     def train_step(self, batch: Batch) -> StepOutput | None:
         """One optimizer step; None when ``train.nonfinite_loss = skip`` dropped it for a non-finite loss."""
         with self.runtime.autocast():
-            output = self.model(batch)
+            output = self.method.training_step(batch)
         loss = sum(output.losses.values())
         output.losses["total"] = loss
         if self.config.train.nonfinite_loss == "skip" and self.runtime.any_rank(not bool(finite_flags(output).all())):
@@ -249,6 +252,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        self.method.after_step(batch, output)
         return output
 
     def validate(self) -> dict[str, float]:

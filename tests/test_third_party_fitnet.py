@@ -50,7 +50,7 @@ class FitNetParams(MethodParams):
 class FitNet(Method):
     """CE plus a 1x1-conv regression of a student stage feature onto the teacher's."""
 
-    api_version = "2.0"
+    api_version = "3.0"
     roles = frozenset({"distill"})
     teacher_use = "required"
     summary = "FitNets: CE plus MSE between a 1x1-conv-mapped student stage feature and the teacher's."

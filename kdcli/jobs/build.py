@@ -188,7 +188,7 @@ def teacher_source(
     own = normalization is not None and tuple(map(tuple, normalization)) != (tuple(data.mean), tuple(data.std))
     renormalize = Renormalization((data.mean, data.std), normalization) if own else None
     if not config.train.cache_teacher:
-        return FrozenTeacher(network, renormalize, resize)
+        return FrozenTeacher(network, renormalize, resize, compile=compiled if config.train.compile else None)
     assert resize is None  # resolve_run refuses a cache for timm teachers, the only ones resized
     assert config.teacher is not None  # RunConfig refuses a cache without a teacher
     topk = config.train.cache_teacher_topk
