@@ -22,7 +22,7 @@ from kdcli.jobs.common import DATA_LOCATION_KEYS, TIMM_PREFIX, checkpoint_data_c
 from kdcli.method import Method, MethodContext, MethodError, MethodParams
 from kdcli.registry import check_logger_names, get_method
 from kdcli.rundir import RunDir
-from kdcli.runtime import Runtime
+from kdcli.runtime import Runtime, compiled
 from kdcli.step import Batch
 from kdcli.teacher import FrozenTeacher, Normalization, Renormalization, Resize
 from kdcli.teacher_cache import CachedTeacher, FullLogits, TopKLogits, cache_key
