@@ -45,8 +45,7 @@ def fixed_batch(trainer: Trainer) -> Batch:
 
 def ready_trainer(method: str, job: str, scratch: Path) -> Trainer:
     trainer = build_trainer(WORKLOAD.config(method, job), WORKLOAD, scratch / f"{job}-{method}")
-    trainer.student.train()
-    trainer.extra_modules.train()
+    trainer.task.train()  # the student and the method's trainable modules
     trainer.method.on_epoch_start(1)
     return trainer
 

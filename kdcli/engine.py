@@ -30,7 +30,7 @@ from kdcli.optim import build_optimizer, build_scheduler
 from kdcli.progress import PROGRESS_REFRESH_STEPS, TrainingConsole
 from kdcli.resume import NO_BEST, ResumeState
 from kdcli.rundir import RunDir
-from kdcli.runtime import Runtime, compile_errors
+from kdcli.runtime import Runtime, compile_errors, keeping_saved_tensors
 from kdcli.seeds import epoch_seed
 from kdcli.step import Batch, StepOutput
 from kdcli.tally import EpochTally
@@ -92,7 +92,7 @@ class Trainer:
         self.task = TrainableModule(method)
         self.student = self.task.student
         self.model = runtime.wrap(self.task, config.train)  # the one wrapped module: the student's forward
-        method.use_student_forward(self.model)
+        method.use_student_forward(keeping_saved_tensors(self.model) if method.backpropagates_twice else self.model)
         self.parameters = list(self.task.parameters())
         train = config.train
         self.train_loader = training_loader(data, train, runtime)

@@ -175,6 +175,9 @@ class Method(nn.Module):
     # True when every use of ``batch.targets`` also works with class probabilities [B, C] (``F.cross_entropy``
     # takes both): only then may a run mix its batches (Mixup/CutMix), which turns labels into probabilities.
     accepts_soft_targets: ClassVar[bool] = False
+    # True when ``training_step`` backpropagates through the student's forward before the engine does
+    # (``retain_graph=True``): a compiled forward then keeps the tensors its backward would free.
+    backpropagates_twice: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams, *, student: nn.Module, teacher: Teacher | None, context: MethodContext) -> None:
         super().__init__()

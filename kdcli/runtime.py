@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -135,6 +135,20 @@ def compiled(function: Any) -> Any:
     tried first from then on, would run every later full batch with slower kernels.
     """
     return torch.compile(function, dynamic=False)
+
+
+def keeping_saved_tensors(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` for a step that backpropagates through it twice (``retain_graph=True``).
+
+    A compiled backward frees ("donates") the tensors its forward saved; a second backward
+    through the same graph needs them, so graphs compiled by this call keep them.
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with torch._functorch.config.patch(donated_buffer=False):  # read when the graph compiles, on the first call
+            return forward(*args, **kwargs)
+
+    return call
 
 
 def compile_errors() -> type[BaseException]:

@@ -323,6 +323,7 @@ class AdaptiveFusion(Method):
     teacher_use = "required"
     summary = "TGeo-KD: per-sample teacher/label fusion ratio learned by bilevel optimization (or ADA, WLS, fixed)."
     Params = AdaptiveFusionParams
+    backpropagates_twice = True  # the virtual step differentiates the real step's forward pass
 
     def __init__(self, params: AdaptiveFusionParams, *, student: nn.Module, teacher: Teacher | None, context: MethodContext) -> None:
         super().__init__(params, student=student, teacher=teacher, context=context)

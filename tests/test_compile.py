@@ -98,32 +98,39 @@ def test_every_built_in_method_is_covered() -> None:
 
 @pytest.mark.parametrize("method", list(METHOD_RUNS))
 def test_no_recompile_after_the_first_epoch_and_no_graph_break(
-    method: str, recorder: GraphRecorder, teacher_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    method: str, teacher_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Epoch numbers, schedules and banks stay out of the compiled region: epochs 2 and 3 reuse epoch 1's graphs."""
+    """Epoch numbers, schedules and banks stay out of the compiled region: epochs 2 and 3 reuse epoch 1's graphs.
+
+    Dynamo's own ``eager`` backend: recompiles and graph breaks are dynamo's, whatever generates the code.
+    """
     from torch._dynamo.utils import counters
 
     from kdcli.engine import Trainer
 
+    torch._dynamo.reset()
     counters.clear()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     graphs_after_epoch: list[int] = []
     original = Trainer.train_epoch
 
     def counted_epoch(self: Trainer, epoch: int) -> dict[str, Any]:
         record = original(self, epoch)
-        graphs_after_epoch.append(len(recorder.calls))
+        graphs_after_epoch.append(counters["stats"]["unique_graphs"])
         return record
 
     monkeypatch.setattr(Trainer, "train_epoch", counted_epoch)
     job, options = METHOD_RUNS[method]
     options = [item for option in options for item in ([option, teacher_run / "last.safetensors"] if option == "--teacher" else [option])]
-    result = run_cli(job, "--method", method, "--out", tmp_path / "run", *SMALL_LAST_BATCH, *options)
+    try:
+        result = run_cli(job, "--method", method, "--out", tmp_path / "run", *SMALL_LAST_BATCH, *options)
+    finally:
+        torch._dynamo.reset()
     assert result.exit_code == 0, result
     assert len(graphs_after_epoch) == 3
     assert graphs_after_epoch[0] == graphs_after_epoch[-1], f"epochs 2-3 compiled {graphs_after_epoch[-1] - graphs_after_epoch[0]} new graphs"
     # The student's forward at two batch sizes (48 and the last 8), the teacher's likewise when there is one.
-    assert len(recorder.calls) == (4 if "--teacher" in options else 2)
-    assert all(calls > 0 for calls in recorder.calls)
+    assert graphs_after_epoch[0] == (4 if "--teacher" in options else 2)
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
@@ -141,3 +148,4 @@ def test_a_compile_failure_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kdcli: error: torch.compile failed"), result
     assert "train.compile=false" in lines[0] and "Traceback" not in result.stderr
+
