@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 
+from kdcli.checkpoint import CheckpointInfo, save_checkpoint
 from kdcli.config import RunConfig
 from kdcli.data.bundle import DataBundle
 from kdcli.engine import Trainer
@@ -43,7 +44,7 @@ class Workload:
             "train": {"batch_size": self.batch_size, "epochs": 1},
         }
         if job == "distill" and get_method(method).teacher_use != "none":
-            # build_trainer makes an untrained teacher itself; the path only satisfies resolve_run.
+            # build_trainer makes an untrained teacher itself and writes it here, beside the run.
             tree["teacher"] = "untrained-teacher.safetensors"
         return RunConfig.model_validate(tree)
 
@@ -66,6 +67,12 @@ def build_trainer(
     if spec.method.teacher_use != "none":
         if teacher_path is None:
             teacher = create_model(workload.teacher, num_classes=bundle.num_classes, input_size=bundle.input_size)
+            # The run's lineage reads the teacher's file: write the untrained one beside the run.
+            untrained = run_dir.parent / f"untrained-{workload.teacher}.safetensors"
+            info = CheckpointInfo(workload.teacher, bundle.num_classes, bundle.input_size, bundle.mean, bundle.std, "standard", 0)
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(untrained, teacher.state_dict(), info)
+            spec = spec.with_teacher(untrained)
         else:
             teacher, _ = model_from_checkpoint(teacher_path)
             spec = spec.with_teacher(teacher_path)
