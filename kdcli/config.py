@@ -142,7 +142,7 @@ class TrainConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = Field(False, description="torch.compile the student's forward (and, apart, the teacher's); losses run eagerly.")
     deterministic: bool = False
     keep_best: bool = Field(False, description="Also keep best.safetensors, the epoch with the highest val top-1.")
     early_stop_patience: PositiveInt | None = Field(
