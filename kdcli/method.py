@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 from kdcli.defaults import API_VERSION
 from kdcli.errors import UsageError
-from kdcli.features import feature_shapes, logits_and_features, stage_features
+from kdcli.features import feature_shapes, logits_and_features, module_features, named_modules, stage_features, tap_modules
 from kdcli.step import Batch, StepOutput
 from kdcli.teacher import FrozenTeacher
 
@@ -85,8 +85,11 @@ __all__ = [
     "UsageError",
     "feature_shapes",
     "logits_and_features",
+    "module_features",
+    "named_modules",
     "run_student",
     "stage_features",
+    "tap_modules",
 ]
 
 
@@ -112,6 +115,8 @@ class Teacher(Protocol):
     def logits_and_features(self, inputs: Tensor, indices: Sequence[int]) -> tuple[Tensor, list[Tensor]]: ...
 
     def features(self, inputs: Tensor, indices: Sequence[int]) -> list[Tensor]: ...
+
+    def module_features(self, inputs: Tensor, names: Sequence[str]) -> tuple[Tensor, list[Tensor]]: ...
 
     def feature_shapes(self, input_size: tuple[int, int, int]) -> list[torch.Size]: ...
 
@@ -155,11 +160,13 @@ class MethodContext:
 StudentForward = Callable[..., Any]  # (inputs) -> logits; (inputs, indices) -> (logits, features)
 
 
-def run_student(student: nn.Module, inputs: Tensor, indices: tuple[int, ...] = ()) -> Any:
-    """The student's logits, or its logits and the features at stage ``indices``: the trainable forward."""
-    if not indices:
-        return student(inputs)
-    return logits_and_features(student, inputs, indices)
+def run_student(student: nn.Module, inputs: Tensor, indices: tuple[int, ...] = (), names: tuple[str, ...] = ()) -> Any:
+    """The student's logits, or its logits and the features at stage ``indices`` or of the modules ``names``."""
+    if names:
+        return module_features(student, inputs, names)
+    if indices:
+        return logits_and_features(student, inputs, indices)
+    return student(inputs)
 
 
 class Method(nn.Module):
@@ -210,6 +217,11 @@ class Method(nn.Module):
         """The student's logits and features at stage ``indices`` (ascending stage order), in one forward."""
         return self._student_forward(inputs, tuple(indices))
 
+    def student_logits_and_module_features(self, inputs: Tensor, names: Sequence[str]) -> tuple[Tensor, list[Tensor]]:
+        """The student's logits and the outputs of its modules called ``names`` (in that order), in one forward."""
+        tap_modules(self.student, names)  # the hooks exist before the (compiled) forward runs
+        return self._student_forward(inputs, names=tuple(names))
+
     def teacher_logits(self, batch: Batch) -> Tensor:
         """The frozen teacher's logits on ``batch.inputs`` (no graph)."""
         return self._source().logits(batch)
@@ -221,6 +233,10 @@ class Method(nn.Module):
     def teacher_features(self, inputs: Tensor, indices: Sequence[int]) -> list[Tensor]:
         """Only the frozen teacher's features at stage ``indices`` (no graph; stops after the deepest)."""
         return self._source().features(inputs, indices)
+
+    def teacher_module_features(self, inputs: Tensor, names: Sequence[str]) -> tuple[Tensor, list[Tensor]]:
+        """The frozen teacher's logits and the outputs of its modules called ``names`` (no graph)."""
+        return self._source().module_features(inputs, names)
 
     def _source(self) -> Teacher:
         if self.teacher is None:

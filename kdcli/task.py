@@ -25,5 +25,5 @@ class TrainableModule(nn.Module):
         self.student = method.student
         self.extras = nn.ModuleDict(method.trainable_modules())
 
-    def forward(self, inputs: Tensor, indices: tuple[int, ...] = ()) -> Any:
-        return run_student(self.student, inputs, indices)
+    def forward(self, inputs: Tensor, indices: tuple[int, ...] = (), names: tuple[str, ...] = ()) -> Any:
+        return run_student(self.student, inputs, indices, names)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map_only
 
-from kdcli.features import feature_shapes, logits_and_features, stage_features
+from kdcli.features import feature_shapes, logits_and_features, module_features, stage_features, tap_modules
 from kdcli.step import Batch
 
 
@@ -99,18 +99,25 @@ class FrozenTeacher:
         """Only the features at stage ``indices``, stopping after the deepest."""
         return self._run(inputs, tuple(indices), "features")
 
-    def _run(self, inputs: Tensor, indices: tuple[int, ...], what: str) -> Any:
+    def module_features(self, inputs: Tensor, names: Sequence[str]) -> tuple[Tensor, list[Tensor]]:
+        """Logits and the outputs of the modules called ``names`` (forward hooks: any network) in one forward."""
+        tap_modules(self.network, names)  # before the (compiled) forward runs
+        return self._run(inputs, tuple(names), "modules")
+
+    def _run(self, inputs: Tensor, indices: tuple[int, ...] | tuple[str, ...], what: str) -> Any:
         with torch.inference_mode():
             outputs = self._outputs(inputs, indices, what)
         # Inference tensors cannot be saved for a backward: a loss that multiplies by them needs normal copies.
         return tree_map_only(Tensor, torch.clone, outputs)
 
-    def _eager_outputs(self, inputs: Tensor, indices: tuple[int, ...], what: str) -> Any:
+    def _eager_outputs(self, inputs: Tensor, indices: tuple[int, ...] | tuple[str, ...], what: str) -> Any:
         inputs = self.own_inputs(inputs)
         if what == "logits":
             return self.network(inputs)
         if what == "both":
             return logits_and_features(self.network, inputs, indices)
+        if what == "modules":
+            return module_features(self.network, inputs, indices)
         return stage_features(self.network, inputs, indices)
 
     def feature_shapes(self, input_size: tuple[int, int, int]) -> list[torch.Size]:

@@ -197,6 +197,9 @@ class CachedTeacher(FrozenTeacher):
     def logits_and_features(self, inputs: Tensor, indices: Sequence[int]) -> NoReturn:
         self._only_logits()
 
+    def module_features(self, inputs: Tensor, names: Sequence[str]) -> NoReturn:
+        self._only_logits()
+
     def features(self, inputs: Tensor, indices: Sequence[int]) -> NoReturn:
         self._only_logits()
 
