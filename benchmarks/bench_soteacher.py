@@ -27,14 +27,15 @@ MODELS = scaled(("cifar_resnet20", "cifar_wrn_40_2"), ("cifar_resnet8",))
 
 
 def step_function(method: Method, batch: Batch) -> Callable[[], None]:
-    """What the engine does per step: sum the loss terms, backward, optimizer step."""
+    """What the engine does per step: sum the loss terms, backward, optimizer step, the method's ``after_step``."""
     optimizer = torch.optim.SGD(method.student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     def step() -> None:
-        loss = sum(method.training_step(batch).losses.values())
+        output = method.training_step(batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        sum(output.losses.values()).backward()
         optimizer.step()
+        method.after_step(batch, output)
 
     return step
 

@@ -182,7 +182,7 @@ class TrainConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = Field(False, description="torch.compile the student's forward (and, apart, the teacher's); losses run eagerly.")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default",
         description="torch.compile's mode with train.compile: reduce-overhead replays each step as CUDA graphs "

@@ -9,7 +9,7 @@ DEFAULT_METHODS: dict[str, str] = {"teach": "standard", "distill": "kd"}
 EVAL_SPLITS: tuple[str, ...] = ("test", "val", "train")
 
 # The plugin API version (MAJOR.MINOR) this kdcli provides; ``kdcli.method`` re-exports it.
-API_VERSION = "2.1"
+API_VERSION = "3.0"
 
 # The largest training seed (torch's generators take 64-bit seeds); ``--seeds`` checks it before the config loads.
 MAX_SEED = 2**63 - 1

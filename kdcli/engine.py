@@ -24,18 +24,18 @@ from kdcli.data.augment import normalize
 from kdcli.data.loading import Augment, EpochBatches, Split, split_loader, training_epochs
 from kdcli.data.mixing import BatchMixing, MixedEpochs
 from kdcli.ema import StudentEma, ema_metrics, ema_scores
-from kdcli.errors import KdcliError, ResumeHint
+from kdcli.errors import KdcliError, ResumeHint, first_line
 from kdcli.guards import FiniteWatch, NonFiniteLoss, StopSignals, finite_flags, nonfinite_message
 from kdcli.method import Method
 from kdcli.optim import build_optimizer, build_scheduler, parameter_groups
 from kdcli.progress import PROGRESS_REFRESH_STEPS, TrainingConsole
 from kdcli.resume import NO_BEST, ResumeState
 from kdcli.rundir import RunDir
-from kdcli.runtime import Runtime
+from kdcli.runtime import Runtime, compile_errors, keeping_saved_tensors
 from kdcli.seeds import epoch_seed
 from kdcli.step import Batch, StepOutput
 from kdcli.tally import EpochTally
-from kdcli.task import TrainableTask
+from kdcli.task import TrainableModule
 from kdcli.update import Updater, micro_batch_size, optimizer_steps
 
 
@@ -91,9 +91,10 @@ class Trainer:
         self.observers = observers or {}
         self.record_hooks = tuple(record_hooks)  # called with each epoch's record once it is saved
         self.console = TrainingConsole(enabled=show_progress and runtime.is_main)
-        self.task = TrainableTask(method)
+        self.task = TrainableModule(method)
         self.student = self.task.student
-        self.model = runtime.wrap(self.task, config.train)  # the one wrapped module whose forward is a step
+        self.model = runtime.wrap(self.task, config.train)  # the one wrapped module: the student's forward
+        method.use_student_forward(keeping_saved_tensors(self.model) if method.backpropagates_twice else self.model)
         train = config.train
         self.train_loader = training_loader(data, train, runtime)
         self.val_loader = None if data.val is None else split_loader(
@@ -169,6 +170,8 @@ class Trainer:
                         break
             except KeyboardInterrupt:
                 raise KdcliError(f"interrupted, stopped at once; {self._on_disk()}", exit_code=130, resume=self._hint()) from None
+            except compile_errors() as exc:  # evaluated only when something was raised
+                raise KdcliError(f"torch.compile failed: {first_line(exc)}; {self._on_disk()}; train without it: --set train.compile=false") from None
         return self.history
 
     def _run_epoch(self, epoch: int) -> bool:
@@ -250,14 +253,17 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs (reduce-overhead) may reuse the last step's output memory now
         with self.update.syncing(self.model):
             with self.runtime.autocast():
-                output = self.model(batch)
+                output = self.method.training_step(batch)
             loss = sum(output.losses.values())
             output.losses["total"] = loss
             dropped = self.config.train.nonfinite_loss == "skip" and self.runtime.any_rank(not bool(finite_flags(output).all()))
             if not dropped:
                 self.update.backward(loss, batch.targets.shape[0])
         self.update.finish(dropped=dropped)
-        return None if dropped else output
+        if dropped:
+            return None
+        self.method.after_step(batch, output)
+        return output
 
     def validate(self) -> dict[str, float]:
         """The student's validation numbers, and its EMA's (``ema_val_top1``) when there is one."""

@@ -111,7 +111,17 @@ def api_version_problem(offered: object) -> str | None:
     if theirs[0] == ours[0] and theirs[1] <= ours[1]:
         return None
     upgrade = "kdcli" if theirs > ours else "the plugin (or use an older kdcli)"
-    return f"targets plugin API {offered}, this kdcli provides {API_VERSION}; upgrade {upgrade}"
+    porting = PORTING.get((theirs[0], ours[0]), "")
+    return f"targets plugin API {offered}, this kdcli provides {API_VERSION}; upgrade {upgrade}{porting}"
+
+
+# What porting a plugin from one major API version to the next takes, in a few words.
+PORTING: dict[tuple[int, int], str] = {
+    (2, 3): (
+        " (API 3: a method is an nn.Module that runs the student through self.student_logits(...) and keeps banks as "
+        "buffers; docs/plugins.md has the steps)"
+    ),
+}
 
 
 def _check_method(plugin: Plugin) -> type[Method]:

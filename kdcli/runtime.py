@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -114,21 +114,48 @@ class Runtime:
             torch.cuda.set_rng_state(states["cuda"], self.device)
 
     def wrap(self, module: nn.Module, train: TrainConfig) -> nn.Module:
-        """Move to the device, then wrap once for DDP and ``torch.compile``."""
+        """Move the trainable module (the student and its connectors) to the device, then wrap it once for DDP and ``torch.compile``."""
         module = self.place(module, train)
         if self.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             module = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
         if train.compile:
-            # Static shapes: an epoch's smaller last batch gets a graph of its own.  Left to
-            # automatic dynamic shapes it would recompile the step shape-generic, and that graph,
-            # tried first from then on, would run every later full batch with slower kernels.
-            module = torch.compile(module, dynamic=False, mode=None if train.compile_mode == "default" else train.compile_mode)
+            module = compiled(module, mode=train.compile_mode)
         return module
 
     def place(self, module: nn.Module, train: TrainConfig) -> nn.Module:
         module = module.to(self.device)
         return module.to(memory_format=torch.channels_last) if train.channels_last else module
+
+
+def compiled(function: Any, *, mode: str = "default") -> Any:
+    """``torch.compile`` in ``mode`` (``train.compile_mode``) with static shapes: an epoch's smaller last batch gets a graph of its own.
+
+    Left to automatic dynamic shapes it would recompile shape-generic, and that graph,
+    tried first from then on, would run every later full batch with slower kernels.
+    """
+    return torch.compile(function, dynamic=False, mode=None if mode == "default" else mode)
+
+
+def keeping_saved_tensors(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` for a step that backpropagates through it twice (``retain_graph=True``).
+
+    A compiled backward frees ("donates") the tensors its forward saved; a second backward
+    through the same graph needs them, so graphs compiled by this call keep them.
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with torch._functorch.config.patch(donated_buffer=False):  # read when the graph compiles, on the first call
+            return forward(*args, **kwargs)
+
+    return call
+
+
+def compile_errors() -> type[BaseException]:
+    """What torch.compile raises when it cannot trace or generate code; imported only when asked (dynamo is slow to import)."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return TorchDynamoException
 
 
 def tree_to_cpu(tree: Any) -> Any:

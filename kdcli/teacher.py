@@ -7,14 +7,16 @@ serves logits from a table behind the same seam.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map_only
 
-from kdcli.features import feature_shapes, logits_and_features, stage_features
+from kdcli.features import feature_shapes, logits_and_features, module_features, stage_features, tap_modules
 from kdcli.step import Batch
 
 
@@ -64,36 +66,59 @@ class Resize:
 
 
 class FrozenTeacher:
-    """A teacher network in eval mode without gradients, run on whatever it is asked.
+    """A teacher network in eval mode without gradients, run under ``torch.inference_mode`` on whatever it is asked.
 
     ``renormalize`` maps the run's normalized inputs to the teacher's own
     normalization; None when the two agree.  ``resize`` brings them to a
-    pretrained teacher's input size; None keeps the student's.
+    pretrained teacher's input size; None keeps the student's.  ``compile``:
+    the teacher's forward is compiled on its own (``train.compile``), apart
+    from the student's.
     """
 
-    def __init__(self, network: nn.Module, renormalize: Renormalization | None = None, resize: Resize | None = None) -> None:
+    def __init__(
+        self, network: nn.Module, renormalize: Renormalization | None = None, resize: Resize | None = None, *, compile: Callable[[Any], Any] | None = None
+    ) -> None:
         self.network = network.eval().requires_grad_(False)
         self.renormalize = renormalize
         self.resize = resize
+        self._outputs = self._eager_outputs if compile is None else compile(self._eager_outputs)
 
     def own_inputs(self, inputs: Tensor) -> Tensor:
         """``inputs`` as the teacher was trained to see them."""
         inputs = inputs if self.resize is None else self.resize(inputs)
         return inputs if self.renormalize is None else self.renormalize(inputs)
 
-    @torch.no_grad()
     def logits(self, batch: Batch) -> Tensor:
-        return self.network(self.own_inputs(batch.inputs))
+        return self._run(batch.inputs, (), "logits")
 
-    @torch.no_grad()
     def logits_and_features(self, inputs: Tensor, indices: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
         """Logits and the features at stage ``indices`` (ascending stage order) in one forward."""
-        return logits_and_features(self.network, self.own_inputs(inputs), indices)
+        return self._run(inputs, tuple(indices), "both")
 
-    @torch.no_grad()
     def features(self, inputs: Tensor, indices: Sequence[int]) -> list[Tensor]:
         """Only the features at stage ``indices``, stopping after the deepest."""
-        return stage_features(self.network, self.own_inputs(inputs), indices)
+        return self._run(inputs, tuple(indices), "features")
+
+    def module_features(self, inputs: Tensor, names: Sequence[str]) -> tuple[Tensor, list[Tensor]]:
+        """Logits and the outputs of the modules called ``names`` (forward hooks: any network) in one forward."""
+        tap_modules(self.network, names)  # before the (compiled) forward runs
+        return self._run(inputs, tuple(names), "modules")
+
+    def _run(self, inputs: Tensor, indices: tuple[int, ...] | tuple[str, ...], what: str) -> Any:
+        with torch.inference_mode():
+            outputs = self._outputs(inputs, indices, what)
+        # Inference tensors cannot be saved for a backward: a loss that multiplies by them needs normal copies.
+        return tree_map_only(Tensor, torch.clone, outputs)
+
+    def _eager_outputs(self, inputs: Tensor, indices: tuple[int, ...] | tuple[str, ...], what: str) -> Any:
+        inputs = self.own_inputs(inputs)
+        if what == "logits":
+            return self.network(inputs)
+        if what == "both":
+            return logits_and_features(self.network, inputs, indices)
+        if what == "modules":
+            return module_features(self.network, inputs, indices)
+        return stage_features(self.network, inputs, indices)
 
     def feature_shapes(self, input_size: tuple[int, int, int]) -> list[torch.Size]:
         """Stage feature shapes for the student's ``input_size``, as the teacher sees it (resized, if it is)."""

@@ -260,10 +260,7 @@ class CachedTeacher(FrozenTeacher):
 
     # -- the teacher source ---------------------------------------------------------------------
 
-    # Runs eagerly under torch.compile: the lookup reads which rows are filled on the host and
-    # counts hits in Python, and the table changes every epoch; traced, each epoch would recompile
-    # the whole step until dynamo's recompile limit left it uncompiled.
-    @torch.compiler.disable
+    # Never compiled (only the student's forward is): the lookup reads which rows are filled on the host.
     def logits(self, batch: Batch) -> Tensor:
         """A training batch of the current table's epoch from the table; any other batch from the network."""
         if batch.epoch is None or self._table_epoch != self._table_of(batch.epoch):
@@ -271,6 +268,9 @@ class CachedTeacher(FrozenTeacher):
         return self._lookup(batch.index, batch.inputs)
 
     def logits_and_features(self, inputs: Tensor, indices: Sequence[int]) -> NoReturn:
+        self._only_logits()
+
+    def module_features(self, inputs: Tensor, names: Sequence[str]) -> NoReturn:
         self._only_logits()
 
     def features(self, inputs: Tensor, indices: Sequence[int]) -> NoReturn:

@@ -55,7 +55,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -296,28 +296,23 @@ def _grads_or_zeros(loss: Tensor, inputs: list[Tensor]) -> list[Tensor]:
 # -- the method -----------------------------------------------------------------------------------
 
 
-class _EpochRecord:
+class _EpochRecord(nn.Module):
     """What this epoch's steps saw, in fixed-shape buffers: a mid-epoch resume state holds it whole."""
 
     def __init__(self, num_train: int, num_classes: int, device: torch.device) -> None:
-        self.alpha = torch.zeros(num_train, device=device)
-        self.seen = torch.zeros(num_train, dtype=torch.bool, device=device)  # trained on this epoch (by this rank)
-        self.teacher_right = torch.zeros(num_train, dtype=torch.bool, device=device)
-        self.meta_loss_sum = torch.zeros((), device=device)
+        super().__init__()
+        self.register_buffer("alpha", torch.zeros(num_train, device=device))
+        self.register_buffer("seen", torch.zeros(num_train, dtype=torch.bool, device=device))  # trained on this epoch (by this rank)
+        self.register_buffer("teacher_right", torch.zeros(num_train, dtype=torch.bool, device=device))
+        self.register_buffer("meta_loss_sum", torch.zeros((), device=device))
+        self.register_buffer("class_sums", torch.zeros(num_classes, num_classes, device=device))  # teacher probabilities per label
+        self.register_buffer("class_counts", torch.zeros(num_classes, device=device))
         self.meta_updates = 0  # also how many validation batches this epoch has drawn
-        self.class_sums = torch.zeros(num_classes, num_classes, device=device)  # teacher probabilities per label
-        self.class_counts = torch.zeros(num_classes, device=device)
 
-    def state(self) -> dict[str, Any]:
-        return {
-            "alpha": self.alpha, "seen": self.seen, "teacher_right": self.teacher_right, "meta_loss_sum": self.meta_loss_sum,
-            "meta_updates": self.meta_updates, "class_sums": self.class_sums, "class_counts": self.class_counts,
-        }
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"meta_updates": self.meta_updates}
 
-    def load(self, state: dict[str, Any]) -> None:
-        device = self.alpha.device
-        for name in ("alpha", "seen", "teacher_right", "meta_loss_sum", "class_sums", "class_counts"):
-            setattr(self, name, state[name].to(device))
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         self.meta_updates = int(state["meta_updates"])
 
 
@@ -328,6 +323,7 @@ class AdaptiveFusion(Method):
     teacher_use = "required"
     summary = "TGeo-KD: per-sample teacher/label fusion ratio learned by bilevel optimization (or ADA, WLS, fixed)."
     Params = AdaptiveFusionParams
+    backpropagates_twice = True  # the virtual step differentiates the real step's forward pass
 
     def __init__(self, params: AdaptiveFusionParams, *, student: nn.Module, teacher: Teacher | None, context: MethodContext) -> None:
         super().__init__(params, student=student, teacher=teacher, context=context)
@@ -342,8 +338,8 @@ class AdaptiveFusion(Method):
                 )
             self.fusion = FusionNetwork(context.num_classes, params.hidden, params.alpha).to(context.device)
             self.fusion_optimizer = _fusion_optimizer(self.fusion, params)
-        self.class_means: Tensor | None = None
-        self.alpha_by_sample = torch.full((context.num_train,), math.nan, device=context.device)
+        self.register_buffer("class_means", None)  # T̄, [C, C]: computed when the first epoch starts (learned ratio only)
+        self.register_buffer("alpha_by_sample", torch.full((context.num_train,), math.nan, device=context.device))
         self.steps = 0
         self.epoch_record = self._empty_record()
         self.val_batches: Iterator[Batch] = iter(())
@@ -366,7 +362,7 @@ class AdaptiveFusion(Method):
     def training_step(self, batch: Batch) -> StepOutput:
         teacher_logits = self.teacher_logits(batch)
         self.steps += 1
-        logits = self.student(batch.inputs)
+        logits = self.student_logits(batch.inputs)
         if self.fusion is not None and (self.steps - 1) % self.params.meta_every == 0:
             self._update_fusion(batch, teacher_logits, logits)  # the virtual step reuses this forward pass
         alpha = self._ratio(logits, teacher_logits, batch.targets)
@@ -393,27 +389,25 @@ class AdaptiveFusion(Method):
             self.class_means = class_means_from_sums(sums, counts)
         return numbers
 
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"steps": self.steps, "alpha_by_sample": self.alpha_by_sample, "epoch": self.epoch_record.state()}
-        if self.fusion is not None and self.fusion_optimizer is not None:
-            state.update(
-                fusion=self.fusion.state_dict(),
-                fusion_optimizer=self.fusion_optimizer.state_dict(),
-                class_means=self.class_means,
-            )
+    def get_extra_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"steps": self.steps}
+        if self.fusion_optimizer is not None:
+            state["fusion_optimizer"] = self.fusion_optimizer.state_dict()
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        device = self.context.device
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
-        self.alpha_by_sample = state["alpha_by_sample"].to(device)
-        self.epoch_record.load(state["epoch"])
+        if self.fusion_optimizer is not None:
+            self.fusion_optimizer.load_state_dict(state["fusion_optimizer"])
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        if self.fusion is not None and self.class_means is None and "class_means" in state_dict:
+            # Computed when the first epoch starts; a state saved after that brings its own.
+            self.class_means = torch.empty_like(state_dict["class_means"], device=self.context.device)
+        result = super().load_state_dict(state_dict, strict, assign)
         # Resumed inside an epoch: the seeded validation stream restarts, so skip what was already used.
         self.val_batches_to_skip = self.epoch_record.meta_updates
-        if self.fusion is not None and self.fusion_optimizer is not None:
-            self.fusion.load_state_dict(state["fusion"])
-            self.fusion_optimizer.load_state_dict(state["fusion_optimizer"])
-            self.class_means = None if state["class_means"] is None else state["class_means"].to(device)
+        return result
 
     # -- pieces -------------------------------------------------------------------------------------
 

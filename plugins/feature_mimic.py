@@ -144,7 +144,7 @@ class FeatureMimic(Method):
         if self.student_indices:
             logits, student_features = self.student_logits_and_features(noisy, sorted(self.student_indices))
         else:
-            logits, student_features = self.student(noisy), []
+            logits, student_features = self.student_logits(noisy), []
         losses = {"ce": params.ce_weight * F.cross_entropy(logits, batch.targets)}
         teacher_logits, teacher_features = self._teacher_outputs(batch)
         by_student = dict(zip(sorted(self.student_indices), student_features))

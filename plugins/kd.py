@@ -34,7 +34,7 @@ class HintonKD(Method):
 
     def training_step(self, batch: Batch) -> StepOutput:
         teacher_logits = self.teacher_logits(batch)
-        logits = self.student(batch.inputs)
+        logits = self.student_logits(batch.inputs)
         params = self.params
         losses = {
             "ce": params.ce_weight * F.cross_entropy(logits, batch.targets),

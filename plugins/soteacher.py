@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +149,8 @@ class SoTeacher(Method):
         super().__init__(params, student=student, teacher=teacher, context=context)
         self.params: SoTeacherParams = params
         self.lipschitz_layers = LipschitzLayers.of(student, include_head=params.lipschitz_include_head)
-        self.bank = torch.zeros(context.num_train, context.num_classes, device=context.device)
+        self.register_buffer("bank", torch.zeros(context.num_train, context.num_classes, device=context.device))
+        # Plain numbers: the step runs eagerly (only the student's forward is compiled), so nothing guards them.
         self.epoch = 1
         self.cr_weight = 0.0
 
@@ -161,14 +162,13 @@ class SoTeacher(Method):
         )
 
     def training_step(self, batch: Batch) -> StepOutput:
-        logits = self.student(batch.inputs)
+        logits = self.student_logits(batch.inputs)
         probs = logits.float().softmax(dim=1)
         lipschitz = self.lipschitz_layers.bound().to(logits.device)
         if self.epoch == 1:
             consistency = torch.zeros((), device=logits.device)
         else:
             consistency = (probs - self.bank[batch.index]).pow(2).sum(dim=1).mean()
-        self.update_bank(batch.index, probs.detach())
         losses = {
             "ce": F.cross_entropy(logits, batch.targets),
             "lipschitz": self.params.lipschitz_weight * lipschitz,
@@ -176,6 +176,10 @@ class SoTeacher(Method):
         }
         logs = {"lipschitz_bound": lipschitz.detach(), "consistency_mse": consistency.detach()}
         return StepOutput(logits, losses, logs)
+
+    def after_step(self, batch: Batch, output: StepOutput) -> None:
+        """The loss above was taken against the bank before this step's predictions join it."""
+        self.update_bank(batch.index, output.logits.detach().float().softmax(dim=1))
 
     @torch.no_grad()
     def update_bank(self, index: Tensor, probs: Tensor) -> None:
@@ -185,12 +189,3 @@ class SoTeacher(Method):
 
     def on_epoch_end(self, epoch: int) -> dict[str, float]:
         return {"consistency_weight": self.cr_weight}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"bank": self.bank}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        bank = state["bank"]
-        if bank.shape != self.bank.shape:
-            raise MethodError(f"saved SoTeacher bank has shape {list(bank.shape)}, this run needs {list(self.bank.shape)}")
-        self.bank.copy_(bank)

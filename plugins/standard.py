@@ -22,6 +22,6 @@ class Standard(Method):
     accepts_soft_targets = True  # F.cross_entropy, label smoothing included, takes class probabilities
 
     def training_step(self, batch: Batch) -> StepOutput:
-        logits = self.student(batch.inputs)
+        logits = self.student_logits(batch.inputs)
         loss = F.cross_entropy(logits, batch.targets, label_smoothing=self.params.label_smoothing)
         return StepOutput(logits, {"ce": loss})

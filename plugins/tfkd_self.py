@@ -51,7 +51,7 @@ class TfKDSelf(Method):
 
     def training_step(self, batch: Batch) -> StepOutput:
         teacher_logits = self.teacher_logits(batch)
-        logits = self.student(batch.inputs)
+        logits = self.student_logits(batch.inputs)
         params = self.params
         kd = distillation_kl(logits, teacher_logits, params.temperature, params.kl_reduction)
         losses = {

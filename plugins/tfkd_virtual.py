@@ -70,7 +70,7 @@ class TfKDVirtual(Method):
     Params = TfKDVirtualParams
 
     def training_step(self, batch: Batch) -> StepOutput:
-        logits = self.student(batch.inputs)
+        logits = self.student_logits(batch.inputs)
         params = self.params
         num_classes = logits.shape[1]
         target = virtual_teacher_targets(batch.targets, num_classes, params.correct_prob, params.temperature)

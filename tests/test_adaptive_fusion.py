@@ -340,9 +340,12 @@ def test_distill_adaptive_fusion_end_to_end(teacher_run: Path, tmp_path: Path, m
     # The deployable checkpoint is the student alone; the fusion network lives in the resume state.
     student = create_model("cifar_resnet8", num_classes=10, input_size=(3, 16, 16))
     assert set(safetensors.torch.load_file(out / "last.safetensors")) == set(student.state_dict())
-    method_state = load_state(out / "resume.safetensors")["method"]
-    assert method_state["steps"] == 18 and method_state["fusion_optimizer"]["state"]  # 9 steps per epoch, Adam moments
-    assert set(method_state["fusion"]) == {"layers.0.weight", "layers.0.bias", "layers.2.weight", "layers.2.bias"}
+    method_state = load_state(out / "resume.safetensors")["method"]  # the method module's state_dict()
+    extra = method_state["_extra_state"]
+    assert extra["steps"] == 18 and extra["fusion_optimizer"]["state"]  # 9 steps per epoch, Adam moments
+    fusion = {key.removeprefix("fusion.") for key in method_state if key.startswith("fusion.")}
+    assert fusion == {"layers.0.weight", "layers.0.bias", "layers.2.weight", "layers.2.bias"}
+    assert method_state["class_means"].shape == (10, 10)
     assert not torch.isnan(method_state["alpha_by_sample"]).any()
 
 

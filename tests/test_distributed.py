@@ -73,10 +73,10 @@ def test_two_processes_train_connectors_like_one(teacher_run: Path, tmp_path: Pa
     run_kdcli(args, tmp_path / "two", processes=2)
     run_kdcli(args, tmp_path / "one", processes=1)
     one, two = (load_state(tmp_path / run / "resume.safetensors") for run in ("one", "two"))
-    connectors = one["method"]["connectors"]
+    connectors = {name: value for name, value in one["method"].items() if name.startswith("connectors.")}
     assert any(name.endswith("project.weight") for name in connectors)  # real connectors, not identities
-    for name, value in connectors.items():
-        torch.testing.assert_close(two["method"]["connectors"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    for name, value in connectors.items():  # used outside DDP's forward, reduced by its backward all the same
+        torch.testing.assert_close(two["method"][name], value, rtol=1e-4, atol=1e-5, msg=name)
     for name, value in one["model"].items():
         torch.testing.assert_close(two["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
 

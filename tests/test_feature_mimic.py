@@ -20,7 +20,7 @@ from kdcli.noise import PixelNoise
 from kdcli.errors import UsageError
 from kdcli.jobs.common import evaluation_split, load_data, model_from_checkpoint
 from kdcli.method import Batch, FrozenTeacher, MethodContext, logits_and_features
-from kdcli.task import TrainableTask
+from kdcli.task import TrainableModule
 from kdcli.models import create_model
 from kdcli.registry import load_model_plugins
 from kdcli_plugins.feature_mimic import FeatureMimic, FeatureMimicParams
@@ -162,14 +162,15 @@ def connector_method() -> FeatureMimic:
     return build("cifar_resnet8", "test_efficientnet", layers=[1, 2], teacher_layers=[1, 2], kd_weight=0.5)
 
 
-def test_the_task_under_torch_compile_does_not_recompile() -> None:
-    task = TrainableTask(connector_method())
-    compiled = torch.compile(task, backend="eager")  # dynamo's guards, without inductor's compile time
+def test_the_trainable_module_under_torch_compile_does_not_recompile() -> None:
+    method = connector_method()
+    task = TrainableModule(method)
+    method.use_student_forward(torch.compile(task, backend="eager"))  # dynamo's guards, without inductor's compile time
     batch = augmented_batch()
-    compiled(batch)
+    method.training_step(batch)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(2):
-            output = compiled(batch)
+            output = method.training_step(batch)
             sum(output.losses.values()).backward()
     assert set(output.losses) == {"ce", "mimic1", "mimic2", "kd"}
     assert all(parameter.grad is not None for parameter in task.extras.parameters())
@@ -178,11 +179,13 @@ def test_the_task_under_torch_compile_does_not_recompile() -> None:
 def test_one_ddp_wrapper_syncs_student_and_connectors(tmp_path: Path) -> None:
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
-        task = TrainableTask(connector_method())
-        ddp = nn.parallel.DistributedDataParallel(task)  # every parameter is used inside its forward
+        method = connector_method()
+        task = TrainableModule(method)
+        # The student's forward runs inside DDP, the connectors on its outputs: the backward reaches both.
+        method.use_student_forward(nn.parallel.DistributedDataParallel(task))
         for _ in range(2):  # a second step fails if the reducer did not see every gradient of the first
             task.zero_grad()
-            output = ddp(augmented_batch())
+            output = method.training_step(augmented_batch())
             sum(output.losses.values()).backward()
         connectors = list(task.extras.parameters())
         assert connectors and all(parameter.grad is not None for parameter in [*connectors, *task.student.parameters()])
@@ -225,7 +228,7 @@ def test_distill_keeps_the_best_noisy_val_checkpoint_and_deploys_plain_timm(teac
     assert "warning: the teacher's clean val top-1" in result.stderr
 
     # Connectors live in the resume state only; the deployable checkpoint is a plain timm test_efficientnet.
-    connectors = load_state(out / "resume.safetensors")["method"]["connectors"]
-    assert connectors["0.project.weight"].shape == (16, 24, 1, 1)
+    method_state = load_state(out / "resume.safetensors")["method"]  # the method module's state_dict()
+    assert method_state["connectors.0.project.weight"].shape == (16, 24, 1, 1)
     plain = timm.create_model("test_efficientnet", num_classes=10)
     plain.load_state_dict(safetensors.torch.load_file(out / "last.safetensors"))  # strict: no connector keys

@@ -124,12 +124,16 @@ INCOMPATIBLE = '''
 from kdcli.method import Method
 
 class FromTheFuture(Method):
-    api_version = "3.0"
+    api_version = "4.0"
     summary = "built for an API kdcli does not provide"
 
 class FromThePast(Method):
     api_version = "1.0"
     summary = "built for plugin API 1: teacher_logits(inputs), a teacher module"
+
+class FromVersion2(Method):
+    api_version = "2.1"
+    summary = "built for plugin API 2: the student called directly, state by hand"
 
 class WrongRoles(Method):
     roles = frozenset({"distill", "fly"})
@@ -139,18 +143,23 @@ NotAMethod = object
 
 
 def test_incompatible_plugins_are_reported(distributions: Distributions, teacher_run: Path, tmp_path: Path) -> None:
-    targets = {"future": "FromTheFuture", "past": "FromThePast", "flying": "WrongRoles", "plain": "NotAMethod"}
+    targets = {"future": "FromTheFuture", "past": "FromThePast", "two": "FromVersion2", "flying": "WrongRoles", "plain": "NotAMethod"}
     distributions.add("kdcli-odd", {"kdcli.methods": {name: f"kdcli_odd_methods:{cls}" for name, cls in targets.items()}},
                       {"kdcli_odd_methods": INCOMPATIBLE})
     methods = listed_methods()
-    assert "targets plugin API 3.0, this kdcli provides 2.1; upgrade kdcli" in methods["future"]["error"]
-    assert "targets plugin API 1.0, this kdcli provides 2.1; upgrade the plugin" in methods["past"]["error"]
-    assert "\n" not in methods["past"]["error"]
+    assert "targets plugin API 4.0, this kdcli provides 3.0; upgrade kdcli" in methods["future"]["error"]
+    assert "targets plugin API 1.0, this kdcli provides 3.0; upgrade the plugin" in methods["past"]["error"]
+    assert "targets plugin API 2.1, this kdcli provides 3.0; upgrade the plugin" in methods["two"]["error"]
+    assert "self.student_logits" in methods["two"]["error"]  # what porting a 2.x plugin takes
+    assert "\n" not in methods["past"]["error"] and "\n" not in methods["two"]["error"]
     assert "roles must be" in methods["flying"]["error"] and "not a kdcli.method.Method subclass" in methods["plain"]["error"]
     result = run_cli("distill", "--method", "future", "--teacher", teacher_run / "last.safetensors", "--out", tmp_path / "s")
-    assert_clean_error(result, 1, "method 'future' from kdcli-odd targets plugin API 3.0")
+    assert_clean_error(result, 1, "method 'future' from kdcli-odd targets plugin API 4.0")
     result = run_cli("distill", "--method", "past", "--teacher", teacher_run / "last.safetensors", "--out", tmp_path / "s")
-    assert_clean_error(result, 1, "method 'past' from kdcli-odd targets plugin API 1.0, this kdcli provides 2.1")
+    assert_clean_error(result, 1, "method 'past' from kdcli-odd targets plugin API 1.0, this kdcli provides 3.0")
+    result = run_cli("distill", "--method", "two", "--teacher", teacher_run / "last.safetensors", "--out", tmp_path / "s")
+    assert_clean_error(result, 1, "method 'two' from kdcli-odd targets plugin API 2.1, this kdcli provides 3.0")
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize(

@@ -116,7 +116,9 @@ def test_bank_follows_the_official_cumulative_mean_over_three_epochs() -> None:
         bank_before = method.bank.clone()
         order = torch.randperm(num_train)
         for index in order.split(4):
-            output = method.training_step(Batch(logits[epoch - 1][index], targets[index], index))
+            batch = Batch(logits[epoch - 1][index], targets[index], index)
+            output = method.training_step(batch)
+            method.after_step(batch, output)  # the engine's order: the bank takes this step's predictions after its loss
             expected_mse = (probs[epoch - 1][index] - bank_before[index]).pow(2).sum(dim=1).mean()
             if epoch == 1:
                 assert output.losses["consistency"].item() == 0.0 and output.logs["consistency_mse"].item() == 0.0
@@ -139,7 +141,8 @@ def test_bank_update_uses_predictions_gathered_from_every_rank() -> None:
     method = make_method(Scale(), all_gather=all_gather)
     method.on_epoch_start(1)
     inputs = torch.randn(4, 3)
-    method.training_step(Batch(inputs, torch.zeros(4, dtype=torch.int64), torch.arange(4)))
+    batch = Batch(inputs, torch.zeros(4, dtype=torch.int64), torch.arange(4))
+    method.after_step(batch, method.training_step(batch))
     torch.testing.assert_close(method.bank[:4], inputs.softmax(dim=1))
     torch.testing.assert_close(method.bank[4:], other)
 

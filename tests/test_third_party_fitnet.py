@@ -50,7 +50,7 @@ class FitNetParams(MethodParams):
 class FitNet(Method):
     """CE plus a 1x1-conv regression of a student stage feature onto the teacher's."""
 
-    api_version = "2.0"
+    api_version = "3.0"
     roles = frozenset({"distill"})
     teacher_use = "required"
     summary = "FitNets: CE plus MSE between a 1x1-conv-mapped student stage feature and the teacher's."
@@ -155,8 +155,9 @@ def test_fitnet_trains_through_the_cli(fitnet: ModuleType, wide_teacher: Path, t
         assert record["loss"]["total"] == pytest.approx(record["loss"]["ce"] + record["loss"]["hint"], rel=1e-5)
 
     # The connector trains and resumes with the run, but the deployable checkpoint is the student alone.
-    saved = load_state(out / "resume.safetensors")["method"]["connector"]
-    assert torch.equal(saved["weight"], connector.weight.detach().cpu())
+    saved = load_state(out / "resume.safetensors")["method"]  # the method module's state_dict(): no hand code
+    assert saved.keys() == {"connector.weight", "connector.bias"}
+    assert torch.equal(saved["connector.weight"], connector.weight.detach().cpu())
     deployed = safetensors.torch.load_file(out / "last.safetensors")
     registry.load_model_plugins()  # the cifar_* zoo
     student_keys = create_model(STUDENT, num_classes=10, input_size=(3, 16, 16)).state_dict().keys()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from kdcli.jobs.common import DATA_LOCATION_KEYS, TIMM_PREFIX, checkpoint_data_c
 from kdcli.method import Method, MethodContext, MethodError, MethodParams
 from kdcli.registry import check_logger_names, get_method
 from kdcli.rundir import RunDir
-from kdcli.runtime import Runtime
+from kdcli.runtime import Runtime, compiled
 from kdcli.step import Batch
 from kdcli.sync_bn import check_sync_bn, with_sync_batch_norm
 from kdcli.teacher import FrozenTeacher, Normalization, Renormalization, Resize
@@ -204,7 +206,7 @@ def teacher_source(
     own = normalization is not None and tuple(map(tuple, normalization)) != (tuple(data.mean), tuple(data.std))
     renormalize = Renormalization((data.mean, data.std), normalization) if own else None
     if not config.train.cache_teacher:
-        return FrozenTeacher(network, renormalize, resize)
+        return FrozenTeacher(network, renormalize, resize, compile=partial(compiled, mode=config.train.compile_mode) if config.train.compile else None)
     assert resize is None  # resolve_run refuses a cache for timm teachers, the only ones resized
     assert config.teacher is not None  # RunConfig refuses a cache without a teacher
     codec = teacher_codec(config)

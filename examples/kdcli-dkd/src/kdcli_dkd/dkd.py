@@ -77,7 +77,7 @@ def decoupled_kd_terms(
 class DKD(Method):
     """Decoupled KD: separately weighted target-class and non-target-class KD terms."""
 
-    api_version = "2.0"  # the kdcli plugin API this was written against (checked at load)
+    api_version = "3.0"  # the kdcli plugin API this was written against (checked at load)
     roles = frozenset({"distill"})
     teacher_use = "required"
     summary = "Decoupled KD (CVPR 2022): CE + alpha*TCKD + beta*NCKD, KD weight warmed up over 20 epochs."
@@ -97,7 +97,7 @@ class DKD(Method):
 
     def training_step(self, batch: Batch) -> StepOutput:
         teacher_logits = self.teacher_logits(batch)
-        logits = self.student(batch.inputs)
+        logits = self.student_logits(batch.inputs)
         params = self.params
         tckd, nckd = decoupled_kd_terms(logits, teacher_logits, batch.targets, params.temperature)
         losses = {
