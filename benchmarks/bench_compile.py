@@ -17,16 +17,18 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_methods import fixed_batch, job_of, seconds_per_step
-from benchmarks.common import report
+from benchmarks.common import report, scaled
 from benchmarks.harness import Workload, build_trainer
 from kdcli.engine import Trainer
 from kdcli.registry import method_plugins
 
 GPU_WORKLOAD = Workload()
-CPU_WORKLOAD = Workload(batch_size=32, steps=6, image_size=16)
-ROUNDS = 3
-STEPS_PER_ROUND = 5
-WARMUP_STEPS = 3  # compiles the student's forward and backward, and the teacher's forward
+CPU_WORKLOAD = scaled(Workload(batch_size=32, steps=6, image_size=16), Workload(batch_size=8, steps=2, image_size=8))
+ROUNDS = scaled(3, 1)
+STEPS_PER_ROUND = scaled(5, 1)
+WARMUP_STEPS = scaled(3, 2)  # compiles the student's forward and backward, and the teacher's forward
+# A smoke run compiles one method: inductor's C++ compile takes a minute a method on a small CPU.
+SMOKE_METHODS = scaled(None, ("kd",))
 
 
 def ready_trainer(workload: Workload, method: str, job: str, scratch: Path, *, compile: bool) -> Trainer:
@@ -60,6 +62,8 @@ def main() -> None:
     workload = GPU_WORKLOAD if torch.cuda.is_available() else CPU_WORKLOAD
     with tempfile.TemporaryDirectory() as scratch:
         for plugin in method_plugins():
+            if SMOKE_METHODS is not None and plugin.name not in SMOKE_METHODS:
+                continue
             if plugin.error is not None:
                 print(f"compiled step {plugin.name}: skipped (does not load: {plugin.error})", flush=True)
                 continue
