@@ -33,7 +33,8 @@ class _PairedEma(ModelEmaV3):
             exact = [pair for pair in pairs if not pair[0].is_floating_point()]  # counters: copied
             self._pairs = ([a for a, _ in floating], [m for _, m in floating], [a for a, _ in exact], [m for _, m in exact])
         averages, currents, copies, sources = self._pairs
-        self._foreach_lerp_(averages, currents, weight=1.0 - decay)
+        # torch's own op, not timm's helper of the same name (timm 1.0.29, on GPU images, lacks it).
+        torch._foreach_lerp_(averages, currents, weight=1.0 - decay)
         for copy, source in zip(copies, sources):
             copy.copy_(source)
 
