@@ -91,3 +91,10 @@ def gpu_utilization(device: torch.device, every_s: float = 0.05) -> Iterator[lis
         done.set()
         if thread is not None:
             thread.join()
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    """A Markdown table (closing notes and docs paste it); None cells print as "-"."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join("-" if cell is None else str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

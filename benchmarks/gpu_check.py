@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from benchmarks import gpu_methods
-from benchmarks.common import gpu_utilization, machine, synchronize
+from benchmarks.common import gpu_utilization, machine, markdown_table, synchronize
 from benchmarks.bench_engine import bare_loop_throughput
 from benchmarks.harness import UNTRAINED_TEACHER, Workload, build_trainer
 from benchmarks.repdistiller_loop import repdistiller_throughput
@@ -299,17 +299,18 @@ def describe(result: Result) -> str:
 
 def table(results: list[Result]) -> str:
     """The Markdown table of the closing note."""
-    header = "| loop | batch | images/s | x RepDistiller-style | x bare loop | data share | GPU util % | 240 epochs (min) |"
-    lines = [header, "|" + " --- |" * 8]
-    for result in results:
-        if result.skipped:
-            lines.append(f"| {result.loop} | {result.batch_size} | skipped: {result.skipped} | | | | | |")
-            continue
-        cells = [result.loop, result.batch_size, f"{result.images_per_s:,.1f}", result.ratio_to_repdistiller, result.ratio_to_bare_loop,
-                 f"{result.data_share:.0%}" if result.data_share is not None else "-",
-                 f"{result.gpu_utilization:.0f}" if result.gpu_utilization is not None else "-", result.projected_240_epochs_min]
-        lines.append("| " + " | ".join("-" if cell is None else str(cell) for cell in cells) + " |")
-    return "\n".join(lines)
+    header = ["loop", "batch", "images/s", "x RepDistiller-style", "x bare loop", "data share", "GPU util %", "240 epochs (min)"]
+    return markdown_table(header, [row_cells(result) for result in results])
+
+
+def row_cells(result: Result) -> list[object]:
+    if result.skipped:
+        return [result.loop, result.batch_size, f"skipped: {result.skipped}", "", "", "", "", ""]
+    return [
+        result.loop, result.batch_size, f"{result.images_per_s:,.1f}", result.ratio_to_repdistiller, result.ratio_to_bare_loop,
+        f"{result.data_share:.0%}" if result.data_share is not None else None,
+        f"{result.gpu_utilization:.0f}" if result.gpu_utilization is not None else None, result.projected_240_epochs_min,
+    ]
 
 
 def packages() -> dict[str, str | None]:

@@ -20,6 +20,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from benchmarks.bench_methods import BASELINES, job_of
+from benchmarks.common import markdown_table
 from benchmarks.harness import Workload, build_trainer
 from kdcli.config import RunConfig
 from kdcli.registry import method_plugins
@@ -110,16 +111,13 @@ def describe(row: MethodRow) -> str:
 
 
 def table(rows: list[MethodRow]) -> str:
-    header = "| method | job | samples/s | step time vs baseline | graphs in epoch 1 | recompiles after epoch 1 | graph breaks | top break reasons |"
-    lines = [header, "|" + " --- |" * 8]
-    for row in rows:
-        if row.skipped:
-            lines.append(f"| {row.method} | {row.job} | skipped: {row.skipped} | | | | | |")
-            continue
-        ratio = f"{row.step_time_vs_baseline}x {row.baseline}" if row.step_time_vs_baseline else "-"
-        reasons = "; ".join(reason.replace("|", "/")[:80] for reason in row.break_reasons) or "-"
-        lines.append(
-            f"| {row.method} | {row.job} | {row.samples_per_s:,.1f} | {ratio} | {row.graphs_first_epoch} | "
-            f"{row.graphs_after_first_epoch} | {row.graph_breaks} | {reasons} |"
-        )
-    return "\n".join(lines)
+    header = ["method", "job", "samples/s", "step time vs baseline", "graphs in epoch 1", "recompiles after epoch 1", "graph breaks", "top break reasons"]
+    return markdown_table(header, [row_cells(row) for row in rows])
+
+
+def row_cells(row: MethodRow) -> list[object]:
+    if row.skipped:
+        return [row.method, row.job, f"skipped: {row.skipped}", "", "", "", "", ""]
+    ratio = f"{row.step_time_vs_baseline}x {row.baseline}" if row.step_time_vs_baseline else None
+    reasons = "; ".join(reason.replace("|", "/")[:80] for reason in row.break_reasons) or None
+    return [row.method, row.job, f"{row.samples_per_s:,.1f}", ratio, row.graphs_first_epoch, row.graphs_after_first_epoch, row.graph_breaks, reasons]

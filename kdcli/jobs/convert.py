@@ -11,7 +11,6 @@ an ordinary kdcli checkpoint that ``distill --teacher`` and ``eval`` accept.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 from kdcli.checkpoint import CheckpointInfo, check_target, read_checkpoint_info, save_checkpoint
 from kdcli.config import DataConfig
 from kdcli.errors import KdcliError, UsageError
+from kdcli.files import file_sha256
 from kdcli.jobs.common import load_data, new_model, require_model
 
 # Prefixes that wrappers add to every parameter name: DataParallel/DDP, torch.compile.
@@ -123,7 +123,7 @@ def convert_checkpoint(
         method=METHOD,
         epoch=_epoch_of(loaded),
         data=data_config,
-        config={"converted_from": {"file": source.name, "sha256": _sha256(source), "key": found_at, "renamed": renamed}},
+        config={"converted_from": {"file": source.name, "sha256": file_sha256(source), "key": found_at, "renamed": renamed}},
     )
     save_checkpoint(output, model.state_dict(), info, reads=(source,))
     return ConvertSummary(source, output, arch, found_at, renamed, len(weights), info)
@@ -221,14 +221,6 @@ def _keys_hint(loaded: Any) -> str:
 def _epoch_of(loaded: Any) -> int:
     epoch = loaded.get("epoch") if isinstance(loaded, Mapping) else None
     return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 else 0
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- names -------------------------------------------------------------------------------
