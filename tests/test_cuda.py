@@ -151,7 +151,7 @@ def test_teacher_cache_on_the_device_under_compile(teacher_run: Path, tmp_path: 
     second = trainer.train_epoch(2)
     assert graphs_compiled() == compiled, "a new epoch's table recompiled the step"
     assert cache_counts(first) == cache_counts(second) == {"hits": 0, "computed": TRAIN_SAMPLES}
-    assert trainer.method.teacher._logits.device.type == "cuda"
+    assert all(column.device.type == "cuda" for column in trainer.method.teacher._columns.values())
     again = build_trainer(tmp_path / "again", overrides, teacher=teacher).train_epoch(1)
     assert cache_counts(again) == {"hits": TRAIN_SAMPLES, "computed": 0}
     assert again["loss"]["total"] == pytest.approx(first["loss"]["total"], rel=1e-2)
