@@ -131,7 +131,7 @@ def plan_training(config: RunConfig, out: Path, *, overwrite: bool = False) -> d
     bundle = load_data(spec.config.data)
     teacher = None
     if spec.config.teacher is not None:
-        teacher = load_teacher(spec.config.teacher)[1]
+        teacher = load_teacher(spec.config.teacher, network=False)[1]  # a dry run never uses the network
         _check_teacher_fits(teacher, bundle, spec.config.teacher)
     replaces = _new_run_dir(out, spec.config, overwrite=overwrite).replaces
     data = training_data(bundle, spec.config.data)
