@@ -275,7 +275,7 @@ def training_options(*, without: tuple[str, ...] = ()) -> Callable[[Callable[...
 def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFlags) -> None:
     from kdcli.config import build_config
     from kdcli.jobs.build import new_run_config
-    from kdcli.jobs.seeds import is_seed_group, saved_group
+    from kdcli.jobs.seeds import is_seed_group, plan_seeds, saved_group
     from kdcli.jobs.train import plan_training, run_training
 
     show_progress = not flags.quiet
@@ -285,7 +285,10 @@ def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFl
         if given:
             raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
         if is_seed_group(flags.resume):
-            _train_seeds(*saved_group(flags.resume), flags.resume, flags)
+            saved, saved_seeds = saved_group(flags.resume)
+            if saved.job != job:
+                raise UsageError(f"{flags.resume} is a {saved.job} seed group; continue it with kdcli {saved.job} --resume {flags.resume}")
+            _train_seeds(saved, saved_seeds, flags.resume, flags)
             return
         summary = run_training(build_config(flags={"job": job}), flags.resume, resume=True, show_progress=show_progress, notify=_note)
         _print_summary(summary, as_json=flags.json_output)
@@ -300,7 +303,8 @@ def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFl
     config = new_run_config(job, file=flags.config, flags=tree, overrides=flags.set or [])
     out = flags.out or _default_out(job, config.method.name)
     if flags.dry_run:
-        _print_json(plan_training(config, out, overwrite=flags.overwrite))
+        plan = plan_training(config, out, overwrite=flags.overwrite) if seeds is None else plan_seeds(config, out, seeds, overwrite=flags.overwrite)
+        _print_json(plan)
         return
     if seeds is not None:
         _train_seeds(config, seeds, out, flags)

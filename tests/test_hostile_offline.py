@@ -3,7 +3,9 @@ nothing from the network in a dry run, and a Hub server that accepts connections
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -115,3 +117,39 @@ def test_a_dry_run_never_touches_the_network(silent_server: SilentServer, tmp_pa
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 1 and len(lines) == 1 and "a dry run does not use the network" in lines[0], done
     assert silent_server.accepted == []
+
+
+# -- a timm teacher's pretrained config, checked like user input (run and dry run alike) --------------------------
+
+
+PRETRAINED_CFGS = {
+    "1x60000": ({"input_size": [3, 1, 60000]}, 1, "input_size 1x60000", "within 8:1"),
+    "60000x60000": ({"input_size": [3, 60000, 60000]}, 1, "input_size 60000x60000", "at most 4096 px"),
+    "mean-of-2": ({"mean": [0.5, 0.5]}, 1, "mean and std need 3 values"),
+    "nan-std": ({"std": [0.5, float("nan"), 0.5]}, 1, "std finite and positive"),
+    "4096-at-batch-512": ({"input_size": [3, 4096, 4096]}, 2, "the timm teacher's 4096x4096 input at batch size 512", "teacher_resize=off"),
+}
+
+
+@pytest.fixture(scope="module")
+def pretrained_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_teacher_normalization import write_pretrained_folder
+
+    folder = tmp_path_factory.mktemp("timm") / "pretrained"
+    write_pretrained_folder(folder)
+    return folder
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+@pytest.mark.parametrize(("change", "code", "fragments"), [(c, code, f) for c, code, *f in PRETRAINED_CFGS.values()], ids=PRETRAINED_CFGS.keys())
+def test_a_bad_pretrained_config_is_one_line(
+    pretrained_folder: Path, tmp_path: Path, change: dict, code: int, fragments: list[str], dry_run: bool
+) -> None:
+    folder = Path(shutil.copytree(pretrained_folder, tmp_path / "pretrained"))
+    config = json.loads((folder / "config.json").read_text())
+    config["pretrained_cfg"].update(change)
+    (folder / "config.json").write_text(json.dumps(config))  # NaN as Python writes it, which json (and timm) read back
+    result = run_cli("distill", "--teacher", f"timm:local-dir:{folder}", "--out", tmp_path / "s", *(["--dry-run"] * dry_run), *TINY)
+    assert_clean_error(result, code, *fragments)
+    assert "loss" not in result.stderr  # a NaN std is the teacher's config, not a training failure
+    assert not (tmp_path / "s").exists()
