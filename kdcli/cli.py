@@ -14,6 +14,7 @@ import math
 import os
 import shlex
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -45,7 +46,9 @@ class KdcliGroup(TyperGroup):
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warning  # a library's warning: one "warning:" line, not its source line
+                result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click_exceptions.NoArgsIsHelpError as exc:
             # Called without arguments: rich has already printed the help; plain click returns it.
             if exc.format_message().strip():
@@ -150,6 +153,10 @@ def _finite(value: Any, path: str) -> tuple[Any, list[str]]:
 
 def _note(text: str) -> None:
     stderr.print(text, markup=False, soft_wrap=True)
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+    _note(f"warning: {category.__name__}: {one_line(str(message), 300)}")
 
 
 # -- options shared by teach and distill ---------------------------------------------
