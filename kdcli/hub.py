@@ -10,13 +10,16 @@ request that finds the file.  timm then loads the local file.
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import urllib.parse
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import timm
+import torch
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.errors import RemoteEntryNotFoundError
 from torch import nn
@@ -55,6 +58,7 @@ def create_pretrained(name: str, *, network: bool) -> nn.Module:
             return timm.create_model(f"{LOCAL_PREFIX}{folder}", pretrained=True)
         config = timm.models.get_pretrained_cfg(name)
         if config is None or not config.hf_hub_id:  # unknown names (timm's error names them) and URL-only weights
+            _require_url_weights(name, "" if config is None else config.url, network=network)
             with _socket_timeout(HUB_TIMEOUT_S):
                 return timm.create_model(name, pretrained=True)
         repo, revision = _split_revision(config.hf_hub_id)
@@ -82,6 +86,18 @@ def _hub_file(repo: str, revision: str | None, names: Sequence[str], *, network:
             raise WeightsUnavailable(_missing(model, repo, names, f"the Hub at {constants.ENDPOINT} failed: {_reason(exc)}")) from None
         return Path(hf_hub_download(repo, filename, revision=revision, etag_timeout=HUB_TIMEOUT_S))
     raise WeightsUnavailable(f"the Hub repo {repo} has none of {', '.join(names)}; timm teacher {model} cannot be loaded")
+
+
+def _require_url_weights(model: str, url: str | None, *, network: bool) -> None:
+    """Weights only at a URL (no Hub repo) go to torch's hub cache: without the network they must be there already."""
+    if network or not url:
+        return
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(url).path)
+    if not cached.is_file():
+        raise WeightsUnavailable(
+            f"the pretrained timm teacher {model} is not in torch's hub cache ({cached}); fetch {url} into it "
+            "where the network is reachable, or give timm:local-dir:PATH"
+        )
 
 
 def _reason(exc: BaseException) -> str:
