@@ -275,12 +275,26 @@ def test_a_run_directory_that_cannot_be_created_is_refused_before_training(dry_r
     assert_clean_error(result, 2, "cannot create run directory /proc/kdcli-x/run", "in /proc")
 
 
-def test_distill_resume_refuses_a_teach_seed_group(tmp_path: Path) -> None:
-    group = tmp_path / "group"
+@pytest.fixture(scope="module")
+def teach_group(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-seed teach group (seed 0, one epoch of cifar_resnet8)."""
+    group = tmp_path_factory.mktemp("seeds") / "group"
     assert run_cli("teach", "--out", group, "--seeds", "0", "--epochs", 1, "--model", "cifar_resnet8", *TINY).exit_code == 0
-    before = snapshot(tmp_path)
-    assert_clean_error(run_cli("distill", "--resume", group, "-q"), 2, "is a teach seed group", f"kdcli teach --resume {group}")
-    assert snapshot(tmp_path) == before
+    return group
+
+
+def test_distill_resume_refuses_a_teach_seed_group(teach_group: Path) -> None:
+    before = snapshot(teach_group)
+    assert_clean_error(run_cli("distill", "--resume", teach_group, "-q"), 2, "is a teach seed group", f"kdcli teach --resume {teach_group}")
+    assert snapshot(teach_group) == before
+
+
+def test_a_seed_group_reads_only_the_folders_kdcli_names(teach_group: Path, tmp_path: Path) -> None:
+    group = Path(shutil.copytree(teach_group, tmp_path / "group"))
+    shutil.copytree(group / "seed-0", group / "seed-03")  # not a name kdcli writes: it read seed-3, which does not exist
+    result = run_cli("compare", group, "--json")
+    assert result.exit_code == 0, result
+    assert result.json()[0]["seeds"] == [0]
 
 
 def test_library_warnings_are_one_line_each(teacher_run: Path, tmp_path: Path) -> None:
