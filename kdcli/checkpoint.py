@@ -107,6 +107,39 @@ class _InfoFields(BaseModel):
         return self
 
 
+# A pretrained config's input size: past these, the teacher's resize costs more than the whole run (and 60000 px
+# sides allocate terabytes); a real model's config is between 32 and about 1000 px, close to square.
+MAX_PRETRAINED_SIDE = 4096
+MAX_PRETRAINED_ASPECT = 8
+
+
+class _PretrainedFields(_InfoFields):
+    """A timm teacher's ``pretrained_cfg``: checked like user input, it comes from a file kdcli did not write."""
+
+    @model_validator(mode="after")
+    def _input_size_is_plausible(self) -> _PretrainedFields:
+        height, width = self.input_size[1:]
+        if max(height, width) > MAX_PRETRAINED_SIDE or max(height, width) > MAX_PRETRAINED_ASPECT * min(height, width):
+            raise ValueError(
+                f"input_size {height}x{width}: sides must be at most {MAX_PRETRAINED_SIDE} px and "
+                f"within {MAX_PRETRAINED_ASPECT}:1 of each other"
+            )
+        return self
+
+
+def pretrained_info(config: dict[str, Any], *, name: str, num_classes: int) -> CheckpointInfo:
+    """A timm model's ``pretrained_cfg`` as checkpoint info, validated; one error line naming the bad value."""
+    values = {
+        "arch": str(config.get("architecture") or name), "num_classes": num_classes,
+        "input_size": config.get("input_size", (3, 224, 224)), "mean": config.get("mean", (0.485, 0.456, 0.406)),
+        "std": config.get("std", (0.229, 0.224, 0.225)), "method": "pretrained", "epoch": 0,
+    }
+    try:
+        return CheckpointInfo(**_PretrainedFields.model_validate(values).model_dump())
+    except ValueError as exc:
+        raise KdcliError(f"the pretrained config of timm teacher {name} is invalid ({_describe(exc)})") from None
+
+
 _INFO_FIELDS = tuple(_InfoFields.model_fields)
 _TEXT_FIELDS = ("arch", "method")
 

@@ -14,6 +14,7 @@ import math
 import os
 import shlex
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -45,7 +46,9 @@ class KdcliGroup(TyperGroup):
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warning  # a library's warning: one "warning:" line, not its source line
+                result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click_exceptions.NoArgsIsHelpError as exc:
             # Called without arguments: rich has already printed the help; plain click returns it.
             if exc.format_message().strip():
@@ -150,6 +153,10 @@ def _finite(value: Any, path: str) -> tuple[Any, list[str]]:
 
 def _note(text: str) -> None:
     stderr.print(text, markup=False, soft_wrap=True)
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+    _note(f"warning: {category.__name__}: {one_line(str(message), 300)}")
 
 
 # -- options shared by teach and distill ---------------------------------------------
@@ -275,7 +282,7 @@ def training_options(*, without: tuple[str, ...] = ()) -> Callable[[Callable[...
 def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFlags) -> None:
     from kdcli.config import build_config
     from kdcli.jobs.build import new_run_config
-    from kdcli.jobs.seeds import is_seed_group, saved_group
+    from kdcli.jobs.seeds import is_seed_group, plan_seeds, saved_group
     from kdcli.jobs.train import plan_training, run_training
 
     show_progress = not flags.quiet
@@ -285,7 +292,10 @@ def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFl
         if given:
             raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
         if is_seed_group(flags.resume):
-            _train_seeds(*saved_group(flags.resume), flags.resume, flags)
+            saved, saved_seeds = saved_group(flags.resume)
+            if saved.job != job:
+                raise UsageError(f"{flags.resume} is a {saved.job} seed group; continue it with kdcli {saved.job} --resume {flags.resume}")
+            _train_seeds(saved, saved_seeds, flags.resume, flags)
             return
         summary = run_training(build_config(flags={"job": job}), flags.resume, resume=True, show_progress=show_progress, notify=_note)
         _print_summary(summary, as_json=flags.json_output)
@@ -300,7 +310,8 @@ def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFl
     config = new_run_config(job, file=flags.config, flags=tree, overrides=flags.set or [])
     out = flags.out or _default_out(job, config.method.name)
     if flags.dry_run:
-        _print_json(plan_training(config, out, overwrite=flags.overwrite))
+        plan = plan_training(config, out, overwrite=flags.overwrite) if seeds is None else plan_seeds(config, out, seeds, overwrite=flags.overwrite)
+        _print_json(plan)
         return
     if seeds is not None:
         _train_seeds(config, seeds, out, flags)

@@ -31,6 +31,14 @@ def seed_dir(group: Path, seed: int) -> Path:
     return group / f"{SEED_DIR_PREFIX}{seed}"
 
 
+def _seed_of(child: Path) -> tuple[int | None, Path]:
+    """The seed a ``seed-N`` folder holds; None for other names (``seed-03``, ``seed-x``): kdcli writes only ``seed-N``."""
+    digits = child.name.removeprefix(SEED_DIR_PREFIX)
+    if not (digits.isascii() and digits.isdigit()) or seed_dir(child.parent, int(digits)).name != child.name:
+        return None, child
+    return int(digits), child
+
+
 def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """Nested numbers as ``section/name`` keys (``loss/kd``, ``method/alpha_mean``); non-numbers dropped."""
     flat: dict[str, float] = {}
@@ -186,8 +194,7 @@ def read_results(path: Path) -> ResultSet:
         raise UsageError(f"{path} is not a directory")
     if not (path / SEED_GROUP_MANIFEST).is_file():
         return ResultSet(path, path.name, {None: read_run(path)})
-    seeds = sorted(int(child.name.removeprefix(SEED_DIR_PREFIX)) for child in path.glob(f"{SEED_DIR_PREFIX}*")
-                   if child.name.removeprefix(SEED_DIR_PREFIX).lstrip("-").isdigit() and (child / "config.json").is_file())
+    seeds = sorted(seed for seed, child in map(_seed_of, path.glob(f"{SEED_DIR_PREFIX}*")) if seed is not None and (child / "config.json").is_file())
     if not seeds:
         raise UsageError(f"seed group {path} holds no seed runs yet")
     return ResultSet(path, path.name, {seed: read_run(seed_dir(path, seed)) for seed in seeds})

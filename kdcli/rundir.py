@@ -173,12 +173,25 @@ def plan_run_dir(root: Path, *, overwrite: bool, reads: tuple[Path, ...] = ()) -
     """
     if root.exists() and not root.is_dir():
         raise UsageError(f"run directory {root} exists and is not a directory")
+    check_creatable(root)
     if not (root.exists() and any(root.iterdir())):
         return RunDir(root)
     if not overwrite:
         raise RunDirExists(f"run directory {root} already exists")
     check_replaceable(root, reads)
     return RunDir(root, replaces=root)
+
+
+def check_creatable(root: Path) -> None:
+    """``root`` can be made (or written in), checked the way the run will: a folder made and removed in its nearest
+    existing ancestor.  Permission bits do not tell (root passes them; /proc and read-only mounts refuse anyway)."""
+    ancestor = next(path for path in (root, *root.absolute().parents) if path.exists())
+    if not ancestor.is_dir():
+        raise UsageError(f"cannot create run directory {root}: {ancestor} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".kdcli-probe-", dir=ancestor))
+    except OSError as exc:
+        raise UsageError(f"cannot create run directory {root}: {exc.strerror or exc} in {ancestor}") from None
 
 
 def check_replaceable(root: Path, reads: tuple[Path, ...], *, marker: str = MARKER) -> None:

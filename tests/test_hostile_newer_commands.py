@@ -251,3 +251,62 @@ def test_compare_json_prints_null_for_non_finite_numbers(teacher_run: Path, tmp_
     rows = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
     assert rows[0]["metrics"]["test/nll"]["mean"] is None
     assert "warning: non-finite values printed as null" in result.stderr
+
+
+# -- --dry-run checks what the run checks; seed groups ---------------------------------------------------------
+
+
+def test_dry_run_plans_the_seed_group(tmp_path: Path) -> None:
+    out = tmp_path / "group"
+    result = run_cli("teach", "--out", out, "--seeds", "0-2", "--dry-run", *TINY)
+    assert result.exit_code == 0, result
+    plan = json.loads(result.stdout)["plan"]
+    assert plan["seeds"] == [0, 1, 2] and plan["action"] == "create" and plan["seed_dirs"][2] == str(out / "seed-2")
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a folder kdcli did not make: refused by the dry run as by the run
+    assert_clean_error(run_cli("teach", "--out", out, "--seeds", "0-2", "--dry-run", *TINY), 2, "is not a seed group")
+    assert_clean_error(run_cli("teach", "--out", out, "--seeds", "0-2", *TINY), 2, "is not a seed group")
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_a_run_directory_that_cannot_be_created_is_refused_before_training(dry_run: bool) -> None:
+    result = run_cli("teach", "--out", "/proc/kdcli-x/run", *(["--dry-run"] * dry_run), *TINY)
+    assert_clean_error(result, 2, "cannot create run directory /proc/kdcli-x/run", "in /proc")
+
+
+@pytest.fixture(scope="module")
+def teach_group(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-seed teach group (seed 0, one epoch of cifar_resnet8)."""
+    group = tmp_path_factory.mktemp("seeds") / "group"
+    assert run_cli("teach", "--out", group, "--seeds", "0", "--epochs", 1, "--model", "cifar_resnet8", *TINY).exit_code == 0
+    return group
+
+
+def test_distill_resume_refuses_a_teach_seed_group(teach_group: Path) -> None:
+    before = snapshot(teach_group)
+    assert_clean_error(run_cli("distill", "--resume", teach_group, "-q"), 2, "is a teach seed group", f"kdcli teach --resume {teach_group}")
+    assert snapshot(teach_group) == before
+
+
+def test_a_seed_group_reads_only_the_folders_kdcli_names(teach_group: Path, tmp_path: Path) -> None:
+    group = Path(shutil.copytree(teach_group, tmp_path / "group"))
+    shutil.copytree(group / "seed-0", group / "seed-03")  # not a name kdcli writes: it read seed-3, which does not exist
+    result = run_cli("compare", group, "--json")
+    assert result.exit_code == 0, result
+    assert result.json()[0]["seeds"] == [0]
+
+
+def test_library_warnings_are_one_line_each(teacher_run: Path, tmp_path: Path) -> None:
+    palette = Image.new("P", (8, 8))
+    palette.putpalette(list(range(256)) * 3)
+    palette.save(tmp_path / "palette.png", transparency=bytes([0, 16, 255]))  # PIL warns when it converts this to RGB
+    result = run_cli("predict", teacher_run / "last.safetensors", tmp_path / "palette.png")
+    assert result.exit_code == 0, result
+    assert result.stderr.splitlines() == [
+        "warning: UserWarning: Palette images with Transparency expressed in bytes should be converted to RGBA images"
+    ], result
+    (tmp_path / "empty.png").write_bytes(b"")
+    failed = run_cli("predict", teacher_run / "last.safetensors", tmp_path / "palette.png", tmp_path / "empty.png")
+    assert_clean_error(failed, 1, "cannot read image")
+    assert "warnings.warn" not in failed.stderr

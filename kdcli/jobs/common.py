@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from kdcli.checkpoint import CheckpointInfo, load_checkpoint, tensors_mismatch
+from kdcli.checkpoint import CheckpointInfo, load_checkpoint, pretrained_info, tensors_mismatch
 from kdcli.config import DataConfig, format_validation_error
 from kdcli.data.augment import BatchAugment
 from kdcli.data.bundle import DataBundle, DataRequest, ImageSplit, split_train_val
@@ -18,6 +18,7 @@ from kdcli.data.mixing import BatchMixing
 from kdcli.data.vision import DataSetMissing
 from kdcli.engine import TrainingData
 from kdcli.errors import KdcliError, UsageError, first_line, one_line, unknown_name
+from kdcli.hub import create_pretrained
 from kdcli.models import create_model
 from kdcli.registry import get_dataset_builder, load_model_plugins, model_plugin_failures
 from kdcli.teacher import Resize
@@ -131,41 +132,35 @@ def is_timm_teacher(reference: Path | str) -> bool:
     return str(reference).startswith(TIMM_PREFIX)
 
 
-def load_teacher(reference: Path) -> tuple[nn.Module, CheckpointInfo]:
-    """The teacher a run names: a kdcli checkpoint file, or ``timm:NAME`` with timm's pretrained weights."""
+def load_teacher(reference: Path, *, network: bool = True) -> tuple[nn.Module, CheckpointInfo]:
+    """The teacher a run names: a kdcli checkpoint file, or ``timm:NAME`` with timm's pretrained weights.
+
+    ``network``: a timm teacher's weights may be downloaded when not in the cache (never in a dry run).
+    """
     if is_timm_teacher(reference):
-        return pretrained_timm_model(str(reference).removeprefix(TIMM_PREFIX))
+        return pretrained_timm_model(str(reference).removeprefix(TIMM_PREFIX), network=network)
     return model_from_checkpoint(reference)
 
 
-def pretrained_timm_model(name: str) -> tuple[nn.Module, CheckpointInfo]:
+def pretrained_timm_model(name: str, *, network: bool = True) -> tuple[nn.Module, CheckpointInfo]:
     """``timm.create_model(name, pretrained=True)`` with what its pretrained config says about its inputs.
 
     NAME is anything timm accepts (``resnet50.a1_in1k``, ``hf-hub:ORG/REPO``,
-    ``local-dir:PATH``); weights come from the Hugging Face cache when present.
+    ``local-dir:PATH``); weights come from the Hugging Face cache when present,
+    else from the Hub within seconds (``kdcli.hub``).
     """
     if not name:
         raise UsageError("a timm teacher needs a model name: timm:NAME (e.g. timm:resnet50.a1_in1k or timm:local-dir:PATH)")
     try:
-        model = timm.create_model(name, pretrained=True)
-    except Exception as exc:  # unknown names, missing weights offline, hub and file errors: all end the same way
-        fetch = f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\""
+        model = create_pretrained(name, network=network)
+    except KdcliError:
+        raise
+    except Exception as exc:  # unknown names, unreadable folders and files: all end the same way
         raise KdcliError(
-            f"cannot load the pretrained timm teacher {name} ({first_line(exc)}); fetch its weights once where the "
-            f"network is reachable ({fetch} fills the Hugging Face cache) or give timm:local-dir:PATH"
+            f"cannot load the pretrained timm teacher {name} ({first_line(exc)}); give a name timm knows "
+            f"(e.g. resnet50.a1_in1k) or timm:local-dir:PATH, a folder with config.json and model.safetensors"
         ) from None
-    config = model.pretrained_cfg
-    channels = int(config.get("input_size", (3,))[0])
-    info = CheckpointInfo(
-        arch=str(config.get("architecture", name)),
-        num_classes=model.num_classes,
-        input_size=tuple(int(value) for value in config.get("input_size", (channels, 224, 224))),
-        mean=tuple(float(value) for value in config.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(float(value) for value in config.get("std", (0.229, 0.224, 0.225))),
-        method="pretrained",
-        epoch=0,
-    )
-    return model, info
+    return model, pretrained_info(model.pretrained_cfg, name=name, num_classes=model.num_classes)
 
 
 def pretrained_resize(model: nn.Module, info: CheckpointInfo, input_size: tuple[int, int, int]) -> Resize | None:

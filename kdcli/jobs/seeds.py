@@ -25,9 +25,9 @@ from kdcli.defaults import MAX_SEED
 from kdcli.errors import KdcliError, ResumeHint, UsageError
 from kdcli.files import atomic_write_bytes, check_target
 from kdcli.jobs.build import RunSpec, resolve_run
-from kdcli.jobs.train import Notify, train
+from kdcli.jobs.train import Notify, plan_training, train
 from kdcli.results import SEED_GROUP_MANIFEST, aggregate, final_metrics, read_json, read_summary, seed_dir
-from kdcli.rundir import check_replaceable, is_kdcli_run, remove_run
+from kdcli.rundir import check_creatable, check_replaceable, is_kdcli_run, remove_run
 
 SEEDS_FORMAT = "kdcli-seeds"
 SeedCallback = Callable[[int, dict[str, Any], bool], None]  # seed, its summary, whether it was read back
@@ -78,16 +78,36 @@ def prepare_group_dir(out: Path, config: RunConfig, seeds: list[int], *, overwri
     the new run saved its first state, so a run refused on the way leaves the old results as they were.
     """
     manifest = out / SEED_GROUP_MANIFEST
-    record = {"format": SEEDS_FORMAT, "recipe": _recipe(config), "seeds": seeds}
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"run directory {out} exists and is not a directory")
-    check_target(manifest)
-    if out.exists() and any(out.iterdir()):
-        _check_existing_group(out, config, record, overwrite=overwrite)
-        _check_seed_dirs(out, seeds)
+    record = check_group_dir(out, config, seeds, overwrite=overwrite)
     previous = manifest.read_bytes() if manifest.is_file() else None
     atomic_write_bytes(manifest, (json.dumps(record, indent=2) + "\n").encode())
     return previous
+
+
+def check_group_dir(out: Path, config: RunConfig, seeds: list[int], *, overwrite: bool) -> dict[str, Any]:
+    """Everything ``prepare_group_dir`` checks, without writing; returns the index it would record."""
+    record = {"format": SEEDS_FORMAT, "recipe": _recipe(config), "seeds": seeds}
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"run directory {out} exists and is not a directory")
+    check_creatable(out)
+    check_target(out / SEED_GROUP_MANIFEST)
+    if out.exists() and any(out.iterdir()):
+        _check_existing_group(out, config, record, overwrite=overwrite)
+        _check_seed_dirs(out, seeds)
+    return record
+
+
+def plan_seeds(config: RunConfig, out: Path, seeds: list[int], *, overwrite: bool) -> dict[str, Any]:
+    """What ``run_seeds`` would do, checked as far as it goes without writing: the group, and its first seed's plan."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"give distinct seeds (got {seeds})")
+    spec = resolve_run(config)
+    check_group_dir(out, spec.config, seeds, overwrite=overwrite)
+    first = config.model_copy(update={"train": config.train.model_copy(update={"seed": seeds[0]})})
+    planned = plan_training(first, seed_dir(out, seeds[0]), overwrite=True)  # a seed's own run is replaced when stale
+    action = "continue" if is_seed_group(out) and not overwrite else "replace" if is_seed_group(out) else "create"
+    planned["plan"].update(run_dir=str(out), action=action, seeds=seeds, seed_dirs=[str(seed_dir(out, seed)) for seed in seeds])
+    return planned
 
 
 def _check_existing_group(out: Path, config: RunConfig, record: dict[str, Any], *, overwrite: bool) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 from kdcli.checkpoint import CheckpointInfo, load_checkpoint
 from kdcli.config import RunConfig, load_resolved_config
 from kdcli.data.bundle import DataBundle, ImageSplit
+from kdcli.data.memory import require_memory
 from kdcli.data.stream import FileSplit
 from kdcli.inference import predict
 from kdcli.jobs.build import RunSpec, TrainingParts, build_training, resolve_run
@@ -131,8 +132,9 @@ def plan_training(config: RunConfig, out: Path, *, overwrite: bool = False) -> d
     bundle = load_data(spec.config.data)
     teacher = None
     if spec.config.teacher is not None:
-        teacher = load_teacher(spec.config.teacher)[1]
+        teacher = load_teacher(spec.config.teacher, network=False)[1]  # a dry run never uses the network
         _check_teacher_fits(teacher, bundle, spec.config.teacher)
+        _check_teacher_input_memory(spec.config, teacher)
     replaces = _new_run_dir(out, spec.config, overwrite=overwrite).replaces
     data = training_data(bundle, spec.config.data)
     recipe = {key: value for key, value in data.augment.facts().items() if key in ("crop_padding", "hflip")}
@@ -174,6 +176,16 @@ def _check_teacher_fits(info: CheckpointInfo, bundle: DataBundle, source: Path) 
         raise UsageError(f"{exc}; distill takes the teacher's data set unless --data or --set data.* change it") from None
 
 
+def _check_teacher_input_memory(config: RunConfig, info: CheckpointInfo) -> None:
+    """A timm teacher resizes each batch to its pretrained input size: that batch (and its renormalized copy) must fit."""
+    if config.teacher is None or not is_timm_teacher(config.teacher) or config.train.teacher_resize == "off":
+        return
+    channels, height, width = info.input_size
+    batch = max(config.train.batch_size, config.train.eval_batch_size)
+    needed = 2 * batch * channels * height * width * 4  # float32, resized and renormalized
+    require_memory(f"the timm teacher's {height}x{width} input at batch size {batch}", needed, "train.batch_size, train.eval_batch_size or set train.teacher_resize=off")
+
+
 def train(
     spec: RunSpec,
     out: Path,
@@ -200,6 +212,7 @@ def train(
     if config.teacher is not None:
         teacher, teacher_info = load_teacher(config.teacher)
         _check_teacher_fits(teacher_info, bundle, config.teacher)
+        _check_teacher_input_memory(config, teacher_info)
     with runtime_for(config.train) as runtime:
         run_dir = _plan_run_dir(out, config, runtime, resume=resume, overwrite=overwrite)
         hub: LoggerHub | None = None
