@@ -152,6 +152,13 @@ def _facts_problem(api_version: object, roles: frozenset[str]) -> str | None:
     return None
 
 
+def check_method_name(name: str) -> None:
+    """An unknown method name is a usage error, found from the entry points alone (nothing is imported)."""
+    known = sorted({ep.name for ep in _entry_points(METHODS_GROUP)})
+    if name not in known:
+        raise unknown_name("method", name, known)
+
+
 def get_method(name: str) -> type[Method]:
     return _check_method(_resolve(METHODS_GROUP, "method", name))
 
