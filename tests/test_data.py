@@ -20,6 +20,7 @@ from kdcli.data.augment import BatchAugment, EpochAugmentation, crop_flip, crop_
 from kdcli.data.bundle import DataBundle, ImageSplit, split_train_val
 from kdcli.data.loader import BatchLoader
 from kdcli.data.loading import training_epochs
+from kdcli.data.recipes import TrainRecipe, replayable
 from kdcli.data.synthetic import bayes_accuracy, make_synthetic
 from kdcli.data.vision import load_cifar, load_imagefolder
 from kdcli.config import DataConfig
@@ -377,3 +378,17 @@ def test_in_memory_views_depend_on_seed_epoch_and_index_only() -> None:
     assert one.keys() == other.keys() and all(torch.equal(one[i], other[i]) for i in one)
     later = in_memory_views(split, 2, batch_size=8)
     assert sum(not torch.equal(one[i], later[i]) for i in one) > len(one) // 2  # a new epoch, new crops and flips
+
+
+@pytest.mark.parametrize("auto_augment", ["none", "trivial"])
+def test_a_replayable_view_is_the_transform_after_torch_manual_seed(auto_augment: str) -> None:
+    """Seeding only the CPU generator (the fast way) gives the views torch.manual_seed gives, and leaves torch's state alone."""
+    image = Image.fromarray(random_images(1, size=40)[0].permute(1, 2, 0).numpy())
+    transform = TrainRecipe(24, MEAN, STD, auto_augment=auto_augment).transform()
+    state = torch.get_rng_state()
+    views = [replayable(transform, image, seed) for seed in range(8)]
+    assert torch.equal(torch.get_rng_state(), state)
+    for seed, view in enumerate(views):
+        torch.manual_seed(seed)
+        assert torch.equal(view, transform(image))
+    torch.set_rng_state(state)
