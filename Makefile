@@ -23,10 +23,13 @@ $(VENV)/.installed: pyproject.toml $(PLUGIN_EXAMPLES:%=%/pyproject.toml) | $(BIN
 
 venv install: $(VENV)/.installed
 
+# torch's default (a thread per core, spinning) crawls when other processes share the cores (a teach epoch took
+# 16 s with 1 thread and 66 s with 2 on a busy 2-core machine): DEMO_THREADS=2 may help on a quiet one.
+DEMO_THREADS ?= 1
 demo: $(VENV)/.installed
-	$(KDCLI) teach --out $(DEMO_DIR)/teacher --overwrite --epochs 12
-	$(KDCLI) distill --teacher $(DEMO_DIR)/teacher/last.safetensors --out $(DEMO_DIR)/student --overwrite --epochs 12
-	$(KDCLI) eval $(DEMO_DIR)/student/last.safetensors
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(KDCLI) teach --out $(DEMO_DIR)/teacher --overwrite --epochs 12
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(KDCLI) distill --teacher $(DEMO_DIR)/teacher/last.safetensors --out $(DEMO_DIR)/student --overwrite --epochs 12
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(KDCLI) eval $(DEMO_DIR)/student/last.safetensors
 
 # One intra-op thread per process: the suite runs several torch processes at once
 # (torchrun, kill tests), and oversubscribed cores make torch's spinning threads crawl.

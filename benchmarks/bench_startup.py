@@ -1,13 +1,14 @@
 """CLI start-up: wall time and peak memory of whole ``kdcli`` processes against ``python -c pass``.
 
 ``kdcli --help`` and ``kdcli COMMAND --help`` must not import torch (goal: under
-0.3 s and 100 MB on the 2-core development machine).  ``kdcli methods list``
-imports every method plugin, and the plugins import torch, so it is shown for
-reference, not held to the goal.
+0.3 s and 100 MB on the 2-core development machine).  ``kdcli methods list`` reads
+each plugin's facts from its source (goal: under 1 s); ``--check`` imports every
+plugin, so torch, and is shown for reference.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import subprocess
@@ -18,6 +19,7 @@ from benchmarks.common import scaled
 
 RUNS = scaled(5, 1)
 GOAL_SECONDS, GOAL_MB = 0.3, 100.0
+LIST_GOAL_SECONDS = 1.0
 
 
 def _kdcli() -> list[str]:
@@ -64,9 +66,12 @@ def main() -> None:
     floor_wall, floor_peak = measure([sys.executable, "-c", _BARE_TYPER, "--help"])
     print(f"startup: a bare one-command Typer app --help {floor_wall:.3f} s ({floor_wall / base_wall:.1f}x), {floor_peak:.0f} MB  (Typer's own floor)", flush=True)
     kdcli = _kdcli()
-    for args, goal in ((["--help"], True), (["distill", "--help"], True), (["methods", "list"], False)):
+    goals = {"help": (GOAL_SECONDS, GOAL_MB), "list": (LIST_GOAL_SECONDS, GOAL_MB)}
+    for args, goal in ((["--help"], "help"), (["distill", "--help"], "help"), (["methods", "list"], "list"), (["methods", "list", "--check"], None)):
         wall, peak = measure(kdcli + args)
-        target = f"  (goal < {GOAL_SECONDS} s and < {GOAL_MB:.0f} MB: {'met' if wall < GOAL_SECONDS and peak < GOAL_MB else 'missed'})" if goal else "  (imports the plugins, so torch)"
+        seconds, megabytes = goals.get(goal, (math.inf, math.inf))
+        met = "met" if wall < seconds and peak < megabytes else "missed"
+        target = f"  (goal < {seconds} s and < {megabytes:.0f} MB: {met})" if goal else "  (imports the plugins, so torch)"
         print(f"startup: kdcli {' '.join(args)} {wall:.3f} s ({wall / base_wall:.1f}x), {peak:.0f} MB{target}", flush=True)
 
 

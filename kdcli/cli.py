@@ -280,17 +280,16 @@ def training_options(*, without: tuple[str, ...] = ()) -> Callable[[Callable[...
 
 
 def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFlags) -> None:
-    from kdcli.config import build_config
-    from kdcli.jobs.build import new_run_config
-    from kdcli.jobs.seeds import is_seed_group, plan_seeds, saved_group
-    from kdcli.jobs.train import plan_training, run_training
-
     show_progress = not flags.quiet
     seeds = parse_seeds(flags.seeds)
     if flags.resume is not None:
         given = flags.given_flags() + ["--method"] * (method is not None) + ["--teacher"] * (teacher is not None)
         if given:
             raise UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+        from kdcli.config import build_config
+        from kdcli.jobs.seeds import is_seed_group, saved_group
+        from kdcli.jobs.train import run_training
+
         if is_seed_group(flags.resume):
             saved, saved_seeds = saved_group(flags.resume)
             if saved.job != job:
@@ -307,6 +306,11 @@ def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFl
         tree["method"] = {"name": method}
     if teacher is not None:
         tree["teacher"] = str(teacher)
+    _check_config_before_torch(job, flags, tree)
+    from kdcli.jobs.build import new_run_config
+    from kdcli.jobs.seeds import plan_seeds
+    from kdcli.jobs.train import plan_training, run_training
+
     config = new_run_config(job, file=flags.config, flags=tree, overrides=flags.set or [])
     out = flags.out or _default_out(job, config.method.name)
     if flags.dry_run:
@@ -318,6 +322,17 @@ def _train(job: str, method: str | None, teacher: Path | None, flags: TrainingFl
         return
     summary = run_training(config, out, overwrite=flags.overwrite, show_progress=show_progress, notify=_note)
     _print_summary(summary, as_json=flags.json_output)
+
+
+def _check_config_before_torch(job: str, flags: TrainingFlags, tree: dict[str, Any]) -> None:
+    """The first pass of ``new_run_config`` and the method's name, checked before the jobs (so torch) are
+    imported: a misspelt ``--set`` key, a bad value or an unknown method answers at once."""
+    from kdcli.config import build_config
+    from kdcli.registry import check_method_name
+
+    config = build_config(defaults={"job": job}, file=flags.config, flags=tree, overrides=flags.set or [])
+    if config.method.name is not None:
+        check_method_name(config.method.name)
 
 
 MAX_SEEDS = 1000  # runs in one seed group
@@ -746,22 +761,24 @@ def export(
 
 @methods_app.command("list")
 @reports_errors
-def methods_list(json_output: JsonOption = False) -> None:
-    """Every installed method with its role, summary and providing distribution (imports each plugin, so torch)."""
+def methods_list(
+    json_output: JsonOption = False,
+    check: Annotated[bool, typer.Option("--check", help="Import every plugin (so torch) and check it, instead of reading its source.")] = False,
+) -> None:
+    """Every installed method with its role, summary and providing distribution (read from each plugin's source: fast)."""
     from kdcli.registry import method_plugins
 
-    plugins = method_plugins()
     rows = [
         {
             "name": plugin.name,
-            "roles": sorted(plugin.loaded.roles) if plugin.error is None else [],
-            "teacher": plugin.loaded.teacher_use if plugin.error is None else None,
-            "summary": plugin.loaded.summary if plugin.error is None else "",
+            "roles": sorted(plugin.facts.roles) if plugin.facts is not None else [],
+            "teacher": plugin.facts.teacher_use if plugin.facts is not None else None,
+            "summary": plugin.facts.summary if plugin.facts is not None else "",
             "distribution": plugin.distribution,
             "version": plugin.version,
             "error": plugin.error,
         }
-        for plugin in plugins
+        for plugin in method_plugins(check=check)
     ]
     if json_output:
         _print_json(rows)

@@ -13,11 +13,15 @@ import importlib
 from dataclasses import dataclass, replace
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kdcli.defaults import API_VERSION
 from kdcli.errors import KdcliError, one_line, unknown_name
-from kdcli.loggers import RunLogger
-from kdcli.method import API_VERSION, Method, MethodParams
+from kdcli.plugin_source import MethodFacts, read_method_facts
+
+if TYPE_CHECKING:  # kdcli.method imports torch: `kdcli methods list` reads plugins without it
+    from kdcli.loggers import RunLogger
+    from kdcli.method import Method
 
 METHODS_GROUP = "kdcli.methods"
 MODELS_GROUP = "kdcli.models"
@@ -36,6 +40,7 @@ class Plugin:
     version: str = ""
     loaded: Any = None
     error: str | None = None
+    facts: MethodFacts | None = None  # a method's listing facts (read from its source, or from the loaded class)
 
 
 def _distribution(entry_point: EntryPoint) -> tuple[str, str]:
@@ -125,18 +130,33 @@ PORTING: dict[tuple[int, int], str] = {
 
 
 def _check_method(plugin: Plugin) -> type[Method]:
+    from kdcli.method import Method, MethodParams
+
     method = plugin.loaded
     where = f"method {plugin.name!r} from {plugin.distribution}"
     if not (isinstance(method, type) and issubclass(method, Method)):
         raise KdcliError(f"{where} is not a kdcli.method.Method subclass")
-    problem = api_version_problem(method.api_version)
-    if problem is not None:
-        raise KdcliError(f"{where} {problem}")
+    if problem := _facts_problem(method.api_version, method.roles):
+        raise KdcliError(f"{where}{problem}")
     if not (isinstance(method.Params, type) and issubclass(method.Params, MethodParams)):
         raise KdcliError(f"{where}: Params must be a kdcli.method.MethodParams subclass")
-    if not method.roles or not set(method.roles) <= ROLES:
-        raise KdcliError(f"{where}: roles must be a non-empty subset of {sorted(ROLES)}, not {sorted(method.roles)}")
     return method
+
+
+def _facts_problem(api_version: object, roles: frozenset[str]) -> str | None:
+    """Why a method with these declared facts cannot run here (to follow its name), or None."""
+    if problem := api_version_problem(api_version):
+        return f" {problem}"
+    if not roles or not set(roles) <= ROLES:
+        return f": roles must be a non-empty subset of {sorted(ROLES)}, not {sorted(roles)}"
+    return None
+
+
+def check_method_name(name: str) -> None:
+    """An unknown method name is a usage error, found from the entry points alone (nothing is imported)."""
+    known = sorted({ep.name for ep in _entry_points(METHODS_GROUP)})
+    if name not in known:
+        raise unknown_name("method", name, known)
 
 
 def get_method(name: str) -> type[Method]:
@@ -146,21 +166,34 @@ def get_method(name: str) -> type[Method]:
 def _checked(plugin: Plugin) -> Plugin:
     if plugin.error is None:
         try:
-            _check_method(plugin)
+            method = _check_method(plugin)
         except KdcliError as exc:
             return replace(plugin, loaded=None, error=str(exc))
+        return replace(plugin, facts=MethodFacts(str(method.api_version), frozenset(method.roles), method.teacher_use, method.summary))
     return plugin
 
 
-def method_plugins() -> list[Plugin]:
-    """Every registered method name, loaded and checked; failures and duplicates carry their error."""
+def _listed(entry_point: EntryPoint, *, check: bool) -> Plugin:
+    """One method for the listing: read from its source when that tells all the listing shows (and ``check`` is
+    off), else imported and checked, so a plugin that cannot be read that way still shows its error."""
+    facts = None if check else read_method_facts(entry_point.value)
+    if facts is None or _facts_problem(facts.api_version, facts.roles):
+        return _checked(_load(entry_point))
+    return Plugin(entry_point.name, entry_point.value, *_distribution(entry_point), facts=facts)
+
+
+def method_plugins(*, check: bool = True) -> list[Plugin]:
+    """Every registered method name, with its facts; failures and duplicates carry their error.
+
+    ``check=False`` reads a plugin's facts from its source where it can (no import, so no torch): a plugin
+    whose source reads well but whose import fails is then only caught by ``check`` or by using it."""
     by_name: dict[str, list[EntryPoint]] = {}
     for entry_point in _entry_points(METHODS_GROUP):
         by_name.setdefault(entry_point.name, []).append(entry_point)
     plugins = []
     for name, matches in sorted(by_name.items()):
         if len(matches) == 1:
-            plugins.append(_checked(_load(matches[0])))
+            plugins.append(_listed(matches[0], check=check))
         else:
             sources = ", ".join(_distribution(ep)[0] for ep in matches)
             values = ", ".join(ep.value for ep in matches)
@@ -194,6 +227,8 @@ def check_logger_names(names: list[str]) -> None:
 
 def get_logger(name: str) -> type[RunLogger]:
     """The ``kdcli.loggers`` plugin class registered as ``name`` (importing it may fail: callers isolate that)."""
+    from kdcli.loggers import RunLogger
+
     plugin = _resolve(LOGGERS_GROUP, "logger", name)
     if not (isinstance(plugin.loaded, type) and issubclass(plugin.loaded, RunLogger)):
         raise KdcliError(f"logger {name!r} from {plugin.distribution} is not a kdcli.loggers.RunLogger subclass")

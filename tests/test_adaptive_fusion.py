@@ -191,6 +191,22 @@ def test_learned_ratio_trusts_the_teacher_less_where_it_is_wrong() -> None:
     assert last["alpha_q75"] - last["alpha_q25"] > 0.3
 
 
+def test_the_fusion_network_learns_on_the_first_of_every_meta_every_steps() -> None:
+    torch.manual_seed(0)
+    context, centres = blob_context(4, 8, seed=0)
+    student = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    method = AdaptiveFusion(AdaptiveFusionParams(meta_every=3, hidden=16), student=student, teacher=FrozenTeacher(HalfWrongTeacher(centres)), context=context)
+    assert method.fusion is not None
+    method.on_epoch_start(1)
+    updated_at = []
+    for step, batch in enumerate(context.batches("train"), start=1):  # 8 steps
+        before = [parameter.clone() for parameter in method.fusion.parameters()]
+        method.training_step(batch)
+        if any(not torch.equal(old, new) for old, new in zip(before, method.fusion.parameters())):
+            updated_at.append(step)
+    assert updated_at == [1, 4, 7]
+
+
 def test_a_validation_split_too_small_for_a_batch_is_a_method_error() -> None:
     def batches(split: str, **options: object) -> Iterator[Batch]:
         return iter(())  # what the loader yields for a one-sample split

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, run_cli
+from kdcli.results import best_epoch
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +69,10 @@ def test_a_directory_that_is_no_run(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "not a kdcli run directory" in result.stderr
     result = run_cli("plot", tmp_path, "-o", tmp_path / "x.jpg")
     assert result.exit_code == 2 and ".png" in result.stderr
+
+
+def test_best_epoch_is_the_first_with_the_highest_val_top1() -> None:
+    """The engine keeps the first of equal epochs (strictly better only), and compare reads history the same way."""
+    history = [{"epoch": epoch, "val_top1": top1} for epoch, top1 in enumerate((0.3, 0.5, 0.5, 0.4), start=1)]
+    assert best_epoch(history) == {"epoch": 2, "val_top1": 0.5}
+    assert best_epoch([{"epoch": 1, "train": {}}]) is None  # no validation split

@@ -19,6 +19,8 @@ from torchvision.transforms.v2 import functional as TF
 from kdcli.data.augment import BatchAugment, EpochAugmentation, crop_flip, crop_padded, normalize, rotate
 from kdcli.data.bundle import DataBundle, ImageSplit, split_train_val
 from kdcli.data.loader import BatchLoader
+from kdcli.data.loading import training_epochs
+from kdcli.data.recipes import TrainRecipe, replayable
 from kdcli.data.synthetic import bayes_accuracy, make_synthetic
 from kdcli.data.vision import load_cifar, load_imagefolder
 from kdcli.config import DataConfig
@@ -361,3 +363,32 @@ def test_two_replicas_partition_an_epoch() -> None:
     shards = [epoch_order(replica, epoch=2) for replica in replicas]
     assert len(shards[0]) == len(shards[1]) == 50
     assert sorted(shards[0] + shards[1]) == list(range(100))
+
+
+def in_memory_views(split: ImageSplit, epoch: int, *, batch_size: int) -> dict[int, torch.Tensor]:
+    epochs = training_epochs(split, BatchAugment(MEAN, STD, crop_padding=2, hflip=True), batch_size=batch_size, device=CPU, seed=0)
+    return {int(i): view for inputs, _, index in epochs.batches(epoch, 0) for i, view in zip(index, inputs)}
+
+
+def test_in_memory_views_depend_on_seed_epoch_and_index_only() -> None:
+    """The in-memory twin of the streamed path's test: an epoch replays whatever the batching, the next one differs."""
+    split = ImageSplit(random_images(40), torch.arange(40) % 4)
+    one = in_memory_views(split, 1, batch_size=8)
+    other = in_memory_views(split, 1, batch_size=5)
+    assert one.keys() == other.keys() and all(torch.equal(one[i], other[i]) for i in one)
+    later = in_memory_views(split, 2, batch_size=8)
+    assert sum(not torch.equal(one[i], later[i]) for i in one) > len(one) // 2  # a new epoch, new crops and flips
+
+
+@pytest.mark.parametrize("auto_augment", ["none", "trivial"])
+def test_a_replayable_view_is_the_transform_after_torch_manual_seed(auto_augment: str) -> None:
+    """Seeding only the CPU generator (the fast way) gives the views torch.manual_seed gives, and leaves torch's state alone."""
+    image = Image.fromarray(random_images(1, size=40)[0].permute(1, 2, 0).numpy())
+    transform = TrainRecipe(24, MEAN, STD, auto_augment=auto_augment).transform()
+    state = torch.get_rng_state()
+    views = [replayable(transform, image, seed) for seed in range(8)]
+    assert torch.equal(torch.get_rng_state(), state)
+    for seed, view in enumerate(views):
+        torch.manual_seed(seed)
+        assert torch.equal(view, transform(image))
+    torch.set_rng_state(state)

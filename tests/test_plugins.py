@@ -120,6 +120,25 @@ def test_broken_plugins_are_reported_but_harmless(distributions: Distributions, 
     assert not (tmp_path / "r").exists()
 
 
+def test_the_listing_read_from_source_matches_the_imported_plugins() -> None:
+    from kdcli.method import Method
+    from kdcli.plugin_source import METHOD_DEFAULTS
+
+    assert METHOD_DEFAULTS == {name: getattr(Method, name) for name in METHOD_DEFAULTS}
+    fast, checked = (run_cli("methods", "list", *flags, "--json") for flags in ([], ["--check"]))
+    assert fast.exit_code == checked.exit_code == 0
+    assert fast.json() == checked.json() and len(fast.json()) >= 8
+
+
+def test_a_plugin_that_reads_well_but_fails_to_import_is_caught_by_check(distributions: Distributions) -> None:
+    source = "import kdcli_no_such_dependency\nfrom kdcli.method import Method\n\nclass Fine(Method):\n    summary = 'looks fine'\n"
+    distributions.add("kdcli-late", {"kdcli.methods": {"late": "kdcli_late_method:Fine"}}, {"kdcli_late_method": source})
+    assert listed_methods()["late"]["summary"] == "looks fine"  # read from its source: not imported
+    checked = {row["name"]: row for row in run_cli("methods", "list", "--check", "--json").json()}
+    assert "kdcli_no_such_dependency" in checked["late"]["error"]
+    assert_clean_error(run_cli("methods", "show", "late"), 1, "'late' from kdcli-late failed to load")
+
+
 INCOMPATIBLE = '''
 from kdcli.method import Method
 

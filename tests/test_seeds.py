@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 
 from conftest import TINY, run_cli
 
@@ -28,6 +31,17 @@ def test_one_run_per_seed_and_the_aggregate(seed_group: tuple[Path, dict]) -> No
     assert report["aggregate"]["test/top1"]["mean"] == pytest.approx(statistics.fmean(values))
     assert report["aggregate"]["test/top1"]["std"] == pytest.approx(statistics.stdev(values))
     assert {"test/nll", "val_top1", "loss/kd"} <= set(report["aggregate"])
+
+
+def test_each_run_trains_with_its_own_seed(seed_group: tuple[Path, dict]) -> None:
+    out, _ = seed_group
+    weights = {}
+    for seed in (0, 1, 3):
+        assert json.loads((out / f"seed-{seed}" / "config.json").read_text())["train"]["seed"] == seed
+        weights[seed] = safetensors.torch.load_file(out / f"seed-{seed}" / "last.safetensors")
+    # Training is deterministic on CPU, so equal weights would mean one seed trained every run.
+    for one, other in ((0, 1), (0, 3), (1, 3)):
+        assert any(not torch.equal(weights[one][name], weights[other][name]) for name in weights[one])
 
 
 def test_rerun_reads_finished_seeds_back_and_adds_new_ones(seed_group: tuple[Path, dict], teacher_run: Path) -> None:

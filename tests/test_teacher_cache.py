@@ -210,14 +210,20 @@ def test_top_k_tables_fill_and_replay(images: torch.Tensor, teacher_path: Path) 
 
 
 def test_distill_with_a_top_k_cache(teacher_run: Path, tmp_path: Path) -> None:
+    """A top-k run beside a full-logit table of the same teacher fills its own table, then replays it."""
     teacher = tmp_path / "teacher.safetensors"
     shutil.copy(teacher_run / "last.safetensors", teacher)
-    args = ["--teacher", teacher, "--cache-teacher", "--set", "train.cache_teacher_topk=3", "--epochs", 1, *TINY]
+    full = ["--teacher", teacher, "--cache-teacher", "--epochs", 1, *TINY]
+    assert run_cli("distill", *full, "--out", tmp_path / "full").exit_code == 0
+    args = [*full, "--set", "train.cache_teacher_topk=3"]
     for name in ("first", "second"):
         assert run_cli("distill", *args, "--out", tmp_path / name).exit_code == 0
-    record = json.loads((tmp_path / "second" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["teacher_cache"]["computed"] == 0 and record["teacher_cache"]["hits"] > 0
-    assert 0 < record["teacher_cache"]["table_bytes"] < 480 * 10 * 4  # below the full table's 4 bytes x 10 classes a sample
+    last_cache_record = lambda name: json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])["teacher_cache"]  # noqa: E731
+    assert last_cache_record("first")["hits"] == 0  # the full table is not read as a top-k one
+    assert len(list((tmp_path / "teacher-cache").glob("teacher.*.safetensors"))) == 2  # one table per codec
+    replayed = last_cache_record("second")
+    assert replayed["computed"] == 0 and replayed["hits"] > 0
+    assert 0 < replayed["table_bytes"] < 480 * 10 * 4  # below the full table's 4 bytes x 10 classes a sample
     refused = run_cli("distill", "--teacher", teacher, "--set", "train.cache_teacher_topk=3", "--out", tmp_path / "no", *TINY)
     assert refused.exit_code == 2 and "--cache-teacher" in refused.stderr and not (tmp_path / "no").exists()
 
