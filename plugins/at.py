@@ -16,7 +16,7 @@ RepDistiller's benchmark (``-r 1 -a 0 -b 1000``) on every stage after the stem
 from __future__ import annotations
 
 import torch.nn.functional as F
-from pydantic import Field, PositiveFloat
+from pydantic import Field, NonNegativeFloat, PositiveFloat
 from torch import Tensor
 
 from kdcli.method import Batch, StepOutput
@@ -24,7 +24,7 @@ from kdcli_plugins._repdistiller import StageFeatureMethod, StageFeatureParams
 
 
 class ATParams(StageFeatureParams):
-    feature_weight: float = Field(1000.0, ge=0.0, description="beta: weight of the summed attention losses (RepDistiller -b).")
+    feature_weight: NonNegativeFloat = Field(1000.0, description="beta: weight of the summed attention losses (RepDistiller -b).")
     p: PositiveFloat = Field(2.0, description="Exponent of the attention map, mean_c F^p.")
 
 

@@ -16,7 +16,7 @@ on the pooled features before the classifier (its ``feat[-1]``).
 from __future__ import annotations
 
 import torch
-from pydantic import Field
+from pydantic import Field, NonNegativeFloat
 from torch import Tensor
 
 from kdcli.method import Batch, StepOutput
@@ -26,7 +26,7 @@ PKT_EPS = 1e-7  # the official code's
 
 
 class PKTParams(PooledFeatureParams):
-    feature_weight: float = Field(30000.0, ge=0.0, description="beta: weight of the probability-transfer KL (RepDistiller -b).")
+    feature_weight: NonNegativeFloat = Field(30000.0, description="beta: weight of the probability-transfer KL (RepDistiller -b).")
 
 
 def cosine_probabilities(features: Tensor, eps: float = PKT_EPS) -> Tensor:

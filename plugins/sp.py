@@ -14,7 +14,7 @@ as RepDistiller's ``distiller_zoo/SP.py`` computes it (row normalisation with
 from __future__ import annotations
 
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, NonNegativeFloat
 from torch import Tensor
 
 from kdcli.method import Batch, StepOutput
@@ -22,7 +22,7 @@ from kdcli_plugins._repdistiller import StageFeatureMethod, StageFeatureParams
 
 
 class SPParams(StageFeatureParams):
-    feature_weight: float = Field(3000.0, ge=0.0, description="beta: weight of the similarity-preserving loss (RepDistiller -b).")
+    feature_weight: NonNegativeFloat = Field(3000.0, description="beta: weight of the similarity-preserving loss (RepDistiller -b).")
     layers: list[int] | None = Field([-1], min_length=1, description="Student stage indices (0 = stem, -1 = last stage); None = every stage after the stem.")
 
 

@@ -55,14 +55,23 @@ def assert_same_loss_and_gradient(
     torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-6, atol=1e-12)
 
 
-def distill_one_epoch(teacher_run: Path, tmp_path: Path, method: str, *args: object) -> dict:
-    """One real ``kdcli distill --method METHOD`` epoch on the tiny synthetic set; its metrics record."""
+def distill_one_epoch(teacher_run: Path, tmp_path: Path, method: str, *args: object, model: str = "cifar_resnet8") -> dict:
+    """One real ``kdcli distill --method METHOD`` epoch of a ``model`` student on the tiny synthetic set; its metrics record."""
     out = tmp_path / method
     result = run_cli(
-        "distill", "--method", method, "--teacher", teacher_run / "last.safetensors", "--model", "cifar_resnet8",
+        "distill", "--method", method, "--teacher", teacher_run / "last.safetensors", "--model", model,
         "--epochs", 1, "--set", "teacher_min_top1=0", "--out", out, *args, *TINY,
     )
     assert result.exit_code == 0, result
     (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(value) for value in record["loss"].values()), record
     return record
+
+
+def listed_defaults(method: str) -> dict[str, object]:
+    """``kdcli methods list`` shows the method as a usable built-in with a summary; ``methods show`` its defaults."""
+    listing = {row["name"]: row for row in run_cli("methods", "list", "--json").json()}
+    row = listing[method]
+    assert (row["distribution"], row["error"], row["roles"], row["teacher"]) == ("kdcli", None, ["distill"], "required")
+    assert row["summary"]
+    return {param["name"]: param["default"] for param in run_cli("methods", "show", method, "--json").json()["params"]}

@@ -11,7 +11,7 @@ from torch import Tensor
 from conftest import TINY, run_cli
 from kdcli.method import Batch
 from kdcli_plugins.at import AttentionTransfer, attention_loss
-from method_zoo import INPUT_SIZE, assert_same_loss_and_gradient, build, distill_one_epoch
+from method_zoo import INPUT_SIZE, assert_same_loss_and_gradient, build, distill_one_epoch, listed_defaults
 
 
 def reference_attention(feature: Tensor, p: float) -> Tensor:
@@ -74,4 +74,14 @@ def test_a_stage_the_student_lacks_is_refused_before_anything_is_written(teacher
 
 def test_one_epoch_through_the_cli(teacher_run: Path, tmp_path: Path) -> None:
     record = distill_one_epoch(teacher_run, tmp_path, "at")
+    assert set(record["loss"]) == {"ce", "attention", "total"}
+
+
+def test_listed_with_the_official_benchmark_defaults() -> None:
+    assert listed_defaults("at") == {"ce_weight": 1.0, "kd_weight": 0.0, "temperature": 4.0, "layers": None, "teacher_layers": None, "feature_weight": 1000.0, "p": 2.0}
+
+
+def test_one_epoch_of_a_timm_student(teacher_run: Path, tmp_path: Path) -> None:
+    """timm's EfficientNet (five stages after the stem, its own global_pool) against the CIFAR-zoo teacher."""
+    record = distill_one_epoch(teacher_run, tmp_path, "at", model="test_efficientnet")
     assert set(record["loss"]) == {"ce", "attention", "total"}

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from kdcli.method import Batch
 from kdcli_plugins.dist import DIST, relation_losses
-from method_zoo import INPUT_SIZE, assert_same_loss_and_gradient, build, distill_one_epoch
+from method_zoo import INPUT_SIZE, assert_same_loss_and_gradient, build, distill_one_epoch, listed_defaults
 
 
 def reference_pearson(x: Tensor, y: Tensor) -> Tensor:
@@ -66,3 +66,7 @@ def test_the_step_weights_ce_and_both_relations_on_the_networks_logits() -> None
 def test_one_epoch_through_the_cli(teacher_run: Path, tmp_path: Path) -> None:
     record = distill_one_epoch(teacher_run, tmp_path, "dist", "--set", "method.beta=1.5")
     assert set(record["loss"]) == {"ce", "inter", "intra", "total"}
+
+
+def test_listed_with_the_official_benchmark_defaults() -> None:
+    assert listed_defaults("dist") == {"beta": 2.0, "gamma": 2.0, "temperature": 4.0, "ce_weight": 1.0}

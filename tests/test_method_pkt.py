@@ -11,7 +11,7 @@ from torch import Tensor
 from conftest import TINY, run_cli
 from kdcli.method import Batch
 from kdcli_plugins.pkt import PKT, probability_transfer_loss
-from method_zoo import INPUT_SIZE, assert_same_loss_and_gradient, build, distill_one_epoch
+from method_zoo import INPUT_SIZE, assert_same_loss_and_gradient, build, distill_one_epoch, listed_defaults
 
 
 def reference_probabilities(features: Tensor, eps: float = 1e-7) -> Tensor:
@@ -61,3 +61,13 @@ def test_a_module_the_teacher_lacks_is_refused_before_anything_is_written(teache
 def test_one_epoch_through_the_cli(teacher_run: Path, tmp_path: Path) -> None:
     record = distill_one_epoch(teacher_run, tmp_path, "pkt", "--set", "method.kd_weight=0.5")
     assert set(record["loss"]) == {"ce", "kd", "pkt", "total"}
+
+
+def test_listed_with_the_official_benchmark_defaults() -> None:
+    assert listed_defaults("pkt") == {"ce_weight": 1.0, "kd_weight": 0.0, "temperature": 4.0, "student_module": "global_pool", "teacher_module": None, "feature_weight": 30000.0}
+
+
+def test_one_epoch_of_a_timm_student(teacher_run: Path, tmp_path: Path) -> None:
+    """timm's EfficientNet (five stages after the stem, its own global_pool) against the CIFAR-zoo teacher."""
+    record = distill_one_epoch(teacher_run, tmp_path, "pkt", model="test_efficientnet")
+    assert set(record["loss"]) == {"ce", "pkt", "total"}

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from kdcli.method import Batch
 from kdcli_plugins.rkd import RKD, rkd_terms
-from method_zoo import INPUT_SIZE, assert_same_loss_and_gradient, build, distill_one_epoch
+from method_zoo import INPUT_SIZE, assert_same_loss_and_gradient, build, distill_one_epoch, listed_defaults
 
 
 def huber(a: Tensor, b: Tensor) -> Tensor:
@@ -71,4 +71,14 @@ def test_the_step_weights_distance_and_angle_on_the_pooled_features() -> None:
 
 def test_one_epoch_through_the_cli(teacher_run: Path, tmp_path: Path) -> None:
     record = distill_one_epoch(teacher_run, tmp_path, "rkd")
+    assert set(record["loss"]) == {"ce", "distance", "angle", "total"}
+
+
+def test_listed_with_the_official_benchmark_defaults() -> None:
+    assert listed_defaults("rkd") == {"ce_weight": 1.0, "kd_weight": 0.0, "temperature": 4.0, "student_module": "global_pool", "teacher_module": None, "feature_weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0}
+
+
+def test_one_epoch_of_a_timm_student(teacher_run: Path, tmp_path: Path) -> None:
+    """timm's EfficientNet (five stages after the stem, its own global_pool) against the CIFAR-zoo teacher."""
+    record = distill_one_epoch(teacher_run, tmp_path, "rkd", model="test_efficientnet")
     assert set(record["loss"]) == {"ce", "distance", "angle", "total"}

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from kdcli.method import Batch
 from kdcli_plugins.sp import SimilarityPreserving, similarity_loss
-from method_zoo import INPUT_SIZE, assert_same_loss_and_gradient, build, distill_one_epoch
+from method_zoo import INPUT_SIZE, assert_same_loss_and_gradient, build, distill_one_epoch, listed_defaults
 
 
 def reference_similarity(feature: Tensor) -> Tensor:
@@ -47,4 +47,14 @@ def test_the_step_reads_the_last_stage_of_each_network() -> None:
 
 def test_one_epoch_through_the_cli(teacher_run: Path, tmp_path: Path) -> None:
     record = distill_one_epoch(teacher_run, tmp_path, "sp", "--set", "method.layers=[2,3]")
+    assert set(record["loss"]) == {"ce", "similarity", "total"}
+
+
+def test_listed_with_the_official_benchmark_defaults() -> None:
+    assert listed_defaults("sp") == {"ce_weight": 1.0, "kd_weight": 0.0, "temperature": 4.0, "layers": [-1], "teacher_layers": None, "feature_weight": 3000.0}
+
+
+def test_one_epoch_of_a_timm_student(teacher_run: Path, tmp_path: Path) -> None:
+    """timm's EfficientNet (five stages after the stem, its own global_pool) against the CIFAR-zoo teacher."""
+    record = distill_one_epoch(teacher_run, tmp_path, "sp", model="test_efficientnet")
     assert set(record["loss"]) == {"ce", "similarity", "total"}
