@@ -53,6 +53,11 @@ class RepDistillerMethod(Method):
     accepts_soft_targets = True  # the targets only feed F.cross_entropy
     params: RepDistillerParams
 
+    def full_precision(self) -> torch.autocast:
+        """The feature losses in float32 under mixed precision too: autocast would run their matmuls (Gram
+        matrices, pairwise distances) in bf16, where |a|^2 + |b|^2 - 2 a.b and the like lose most digits."""
+        return torch.autocast(self.context.device.type, enabled=False)
+
     def ce_and_kd(self, logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
         params = self.params
         losses = {"ce": params.ce_weight * F.cross_entropy(logits, targets)}

@@ -62,5 +62,6 @@ class AttentionTransfer(StageFeatureMethod):
     def training_step(self, batch: Batch) -> StepOutput:
         logits, teacher_logits, pairs = self.paired_stage_features(batch.inputs)
         losses = self.ce_and_kd(logits, teacher_logits, batch.targets)
-        losses["attention"] = self.params.feature_weight * sum(attention_loss(student, teacher, self.params.p) for student, teacher in pairs)
+        with self.full_precision():
+            losses["attention"] = self.params.feature_weight * sum(attention_loss(student, teacher, self.params.p) for student, teacher in pairs)
         return StepOutput(logits, losses)

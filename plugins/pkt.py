@@ -53,5 +53,6 @@ class PKT(PooledFeatureMethod):
     def training_step(self, batch: Batch) -> StepOutput:
         logits, teacher_logits, student, teacher = self.pooled_features(batch.inputs)
         losses = self.ce_and_kd(logits, teacher_logits, batch.targets)
-        losses["pkt"] = self.params.feature_weight * probability_transfer_loss(student, teacher)
+        with self.full_precision():
+            losses["pkt"] = self.params.feature_weight * probability_transfer_loss(student, teacher)
         return StepOutput(logits, losses)

@@ -72,7 +72,8 @@ class RKD(PooledFeatureMethod):
     def training_step(self, batch: Batch) -> StepOutput:
         logits, teacher_logits, student, teacher = self.pooled_features(batch.inputs)
         params = self.params
-        distance, angle = rkd_terms(student, teacher)
+        with self.full_precision():
+            distance, angle = rkd_terms(student, teacher)
         losses = self.ce_and_kd(logits, teacher_logits, batch.targets)
         losses["distance"] = params.feature_weight * params.distance_weight * distance
         losses["angle"] = params.feature_weight * params.angle_weight * angle

@@ -47,5 +47,6 @@ class SimilarityPreserving(StageFeatureMethod):
     def training_step(self, batch: Batch) -> StepOutput:
         logits, teacher_logits, pairs = self.paired_stage_features(batch.inputs)
         losses = self.ce_and_kd(logits, teacher_logits, batch.targets)
-        losses["similarity"] = self.params.feature_weight * sum(similarity_loss(student, teacher) for student, teacher in pairs)
+        with self.full_precision():
+            losses["similarity"] = self.params.feature_weight * sum(similarity_loss(student, teacher) for student, teacher in pairs)
         return StepOutput(logits, losses)

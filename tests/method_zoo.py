@@ -75,3 +75,13 @@ def listed_defaults(method: str) -> dict[str, object]:
     assert (row["distribution"], row["error"], row["roles"], row["teacher"]) == ("kdcli", None, ["distill"], "required")
     assert row["summary"]
     return {param["name"]: param["default"] for param in run_cli("methods", "show", method, "--json").json()["params"]}
+
+
+def step_under_bf16_autocast(method: Method) -> dict[str, Tensor]:
+    """The step's losses when the engine runs it under mixed precision (bf16 autocast, here on the CPU)."""
+    from kdcli.method import Batch
+
+    generator = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(8, *INPUT_SIZE, generator=generator), torch.randint(0, NUM_CLASSES, (8,), generator=generator), torch.arange(8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return method.training_step(batch).losses

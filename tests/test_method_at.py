@@ -85,3 +85,4 @@ def test_one_epoch_of_a_timm_student(teacher_run: Path, tmp_path: Path) -> None:
     """timm's EfficientNet (five stages after the stem, its own global_pool) against the CIFAR-zoo teacher."""
     record = distill_one_epoch(teacher_run, tmp_path, "at", model="test_efficientnet")
     assert set(record["loss"]) == {"ce", "attention", "total"}
+

@@ -11,7 +11,7 @@ from torch import Tensor
 from conftest import TINY, run_cli
 from kdcli.method import Batch
 from kdcli_plugins.pkt import PKT, probability_transfer_loss
-from method_zoo import INPUT_SIZE, assert_same_loss_and_gradient, build, distill_one_epoch, listed_defaults
+from method_zoo import INPUT_SIZE, assert_same_loss_and_gradient, build, distill_one_epoch, listed_defaults, step_under_bf16_autocast
 
 
 def reference_probabilities(features: Tensor, eps: float = 1e-7) -> Tensor:
@@ -71,3 +71,9 @@ def test_one_epoch_of_a_timm_student(teacher_run: Path, tmp_path: Path) -> None:
     """timm's EfficientNet (five stages after the stem, its own global_pool) against the CIFAR-zoo teacher."""
     record = distill_one_epoch(teacher_run, tmp_path, "pkt", model="test_efficientnet")
     assert set(record["loss"]) == {"ce", "pkt", "total"}
+
+
+def test_the_feature_loss_stays_float32_under_mixed_precision() -> None:
+    # Autocast would run its matmuls in bf16; the student's forward itself does run in bf16.
+    losses = step_under_bf16_autocast(build(PKT))
+    assert losses["pkt"].dtype == torch.float32 and torch.isfinite(losses["pkt"])

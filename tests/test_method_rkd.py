@@ -10,7 +10,7 @@ from torch import Tensor
 
 from kdcli.method import Batch
 from kdcli_plugins.rkd import RKD, rkd_terms
-from method_zoo import INPUT_SIZE, assert_same_loss_and_gradient, build, distill_one_epoch, listed_defaults
+from method_zoo import INPUT_SIZE, assert_same_loss_and_gradient, build, distill_one_epoch, listed_defaults, step_under_bf16_autocast
 
 
 def huber(a: Tensor, b: Tensor) -> Tensor:
@@ -82,3 +82,17 @@ def test_one_epoch_of_a_timm_student(teacher_run: Path, tmp_path: Path) -> None:
     """timm's EfficientNet (five stages after the stem, its own global_pool) against the CIFAR-zoo teacher."""
     record = distill_one_epoch(teacher_run, tmp_path, "rkd", model="test_efficientnet")
     assert set(record["loss"]) == {"ce", "distance", "angle", "total"}
+
+
+
+def test_the_feature_loss_stays_float32_under_mixed_precision() -> None:
+    # Autocast would run the Gram matrix of the distances in bf16; the student's forward itself does run in bf16.
+    method = build(RKD)
+    seen = []
+    pooled_features = method.pooled_features
+    method.pooled_features = lambda inputs: seen.append(pooled_features(inputs)) or seen[-1]
+    losses = step_under_bf16_autocast(method)
+    _, _, student, teacher = seen[0]
+    distance, angle = rkd_terms(student.detach(), teacher)
+    torch.testing.assert_close(losses["distance"].detach(), 25 * distance, rtol=1e-6, atol=0)
+    torch.testing.assert_close(losses["angle"].detach(), 50 * angle, rtol=1e-6, atol=0)

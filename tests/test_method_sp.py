@@ -10,7 +10,7 @@ from torch import Tensor
 
 from kdcli.method import Batch
 from kdcli_plugins.sp import SimilarityPreserving, similarity_loss
-from method_zoo import INPUT_SIZE, assert_same_loss_and_gradient, build, distill_one_epoch, listed_defaults
+from method_zoo import INPUT_SIZE, assert_same_loss_and_gradient, build, distill_one_epoch, listed_defaults, step_under_bf16_autocast
 
 
 def reference_similarity(feature: Tensor) -> Tensor:
@@ -58,3 +58,9 @@ def test_one_epoch_of_a_timm_student(teacher_run: Path, tmp_path: Path) -> None:
     """timm's EfficientNet (five stages after the stem, its own global_pool) against the CIFAR-zoo teacher."""
     record = distill_one_epoch(teacher_run, tmp_path, "sp", model="test_efficientnet")
     assert set(record["loss"]) == {"ce", "similarity", "total"}
+
+
+def test_the_feature_loss_stays_float32_under_mixed_precision() -> None:
+    # Autocast would run its matmuls in bf16; the student's forward itself does run in bf16.
+    losses = step_under_bf16_autocast(build(SimilarityPreserving))
+    assert losses["similarity"].dtype == torch.float32 and torch.isfinite(losses["similarity"])
