@@ -99,7 +99,8 @@ class PooledFeatureMethod(RepDistillerMethod):
         named_modules(self.student, [self.params.student_module])
         if self.context.input_size is not None:
             probe = torch.zeros(2, *self.context.input_size, device=self.context.device)
-            self.teacher_module_features(probe, [self.teacher_module])
+            with torch.compiler.set_stance("force_eager"):  # a dry run: no graph compiled for its batch size
+                self.teacher_module_features(probe, [self.teacher_module])
 
     @property
     def teacher_module(self) -> str:
