@@ -58,10 +58,11 @@ class RepDistillerMethod(Method):
         matrices, pairwise distances) in bf16, where |a|^2 + |b|^2 - 2 a.b and the like lose most digits."""
         return torch.autocast(self.context.device.type, enabled=False)
 
-    def ce_and_kd(self, logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    def ce_and_kd(self, logits: Tensor, teacher_logits: Tensor | None, targets: Tensor) -> dict[str, Tensor]:
+        """The weighted CE, and the weighted KD term when ``kd_weight > 0`` (then ``teacher_logits`` are needed)."""
         params = self.params
         losses = {"ce": params.ce_weight * F.cross_entropy(logits, targets)}
-        if params.kd_weight > 0:
+        if teacher_logits is not None and params.kd_weight > 0:
             losses["kd"] = params.kd_weight * distillation_kl(logits, teacher_logits, params.temperature)
         return losses
 
@@ -75,11 +76,14 @@ class StageFeatureMethod(RepDistillerMethod):
         super().__init__(params, student=student, teacher=teacher, context=context)
         self.pairs = stage_pairs(self, params.layers, params.teacher_layers)  # checked before any training
 
-    def paired_stage_features(self, inputs: Tensor) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
-        """Student logits, teacher logits and the (student, teacher) feature of each pair, in float32."""
+    def paired_stage_features(self, inputs: Tensor) -> tuple[Tensor, Tensor | None, list[tuple[Tensor, Tensor]]]:
+        """Student logits, teacher logits (None without KD) and the (student, teacher) feature of each pair, in float32."""
         student_indices, teacher_indices = (sorted(set(indices)) for indices in zip(*self.pairs))
         logits, student_features = self.student_logits_and_features(inputs, student_indices)
-        teacher_logits, teacher_features = self.teacher_logits_and_features(inputs, teacher_indices)
+        if self.params.kd_weight > 0:
+            teacher_logits, teacher_features = self.teacher_logits_and_features(inputs, teacher_indices)
+        else:  # the teacher stops after its deepest stage asked for
+            teacher_logits, teacher_features = None, self.teacher_features(inputs, teacher_indices)
         by_student = dict(zip(student_indices, student_features))
         by_teacher = dict(zip(teacher_indices, teacher_features))
         return logits, teacher_logits, [(by_student[s].float(), by_teacher[t].float()) for s, t in self.pairs]
@@ -126,11 +130,12 @@ def stage_pairs(method: Method, student_layers: list[int] | None, teacher_layers
         raise RuntimeError(f"{type(method).__name__} needs MethodContext.input_size to check its stage indices")
     student_count = len(feature_shapes(method.student, input_size))
     teacher_count = len(method.teacher.feature_shapes(input_size))
-    if student_layers is None:
-        student_layers, teacher_layers = list(range(1, student_count)), teacher_layers or list(range(1, teacher_count))
-    elif teacher_layers is None:
-        teacher_layers = student_layers
-    elif len(student_layers) != len(teacher_layers):
+    if student_layers is None and teacher_layers is None:
+        count = min(student_count, teacher_count)
+        return [(index, index) for index in range(1, count)]
+    student_layers = student_layers or list(range(1, student_count))
+    teacher_layers = teacher_layers or student_layers
+    if len(student_layers) != len(teacher_layers):
         raise MethodError(f"method.layers and method.teacher_layers need equally many entries, got {student_layers} and {teacher_layers}")
     students = _resolve(student_layers, student_count, "method.layers", "student")
     teachers = _resolve(teacher_layers, teacher_count, "method.teacher_layers", "teacher")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from conftest import TINY, run_cli
-from kdcli.method import Batch
+from kdcli.method import Batch, MethodError
 from kdcli_plugins.at import AttentionTransfer, attention_loss
 from method_zoo import INPUT_SIZE, assert_same_loss_and_gradient, build, distill_one_epoch, listed_defaults
 
@@ -48,6 +48,9 @@ def test_every_stage_after_the_stem_paired_as_repdistiller_zips_them() -> None:
     # A teacher with four stages after the stem against a student with three: its last stage is left out.
     assert build(AttentionTransfer, teacher="cifar_vgg8").pairs == [(1, 1), (2, 2), (3, 3)]
     assert build(AttentionTransfer, layers=[-1, 2], teacher_layers=[4, 1], teacher="cifar_vgg8").pairs == [(3, 4), (2, 1)]
+    assert build(AttentionTransfer, layers=[2]).pairs == [(2, 2)]
+    with pytest.raises(MethodError, match=r"need equally many entries, got \[1, 2\] and \[1\]"):
+        build(AttentionTransfer, layers=[1, 2], teacher_layers=[1])
 
 
 def test_the_step_sums_beta_times_the_loss_of_each_stage_pair() -> None:
