@@ -72,6 +72,8 @@ def tap_modules(model: nn.Module, names: Sequence[str]) -> dict[str, Any]:
     for name, module in named_modules(model, [name for name in names if name not in taps]).items():
         taps[name] = None
         module.register_forward_hook(partial(_keep_output, taps, name))
+    # Forget what a plain forward (validation) left in the taps: a compiled forward guards on them being None.
+    taps.update(dict.fromkeys(taps))
     return taps
 
 

@@ -88,6 +88,12 @@ METHOD_RUNS = {
     "tfkd-virtual": ("distill", []),
     "feature-mimic": ("distill", ["--teacher"]),
     "adaptive-fusion": ("distill", ["--teacher", "--set", "data.val_split=0.2"]),
+    "dkd": ("distill", ["--teacher"]),
+    "dist": ("distill", ["--teacher"]),
+    "at": ("distill", ["--teacher"]),
+    "sp": ("distill", ["--teacher"]),
+    "pkt": ("distill", ["--teacher"]),
+    "rkd": ("distill", ["--teacher"]),
 }
 
 

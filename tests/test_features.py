@@ -8,6 +8,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from kdcli.errors import UsageError
+from kdcli.features import tap_modules
 from kdcli.method import Batch, FrozenTeacher, Method, MethodContext, StepOutput, module_features
 from kdcli.models import create_model
 from kdcli.registry import load_model_plugins
@@ -76,3 +77,13 @@ def test_a_method_reads_both_networks_by_name_through_the_compiled_trainable_mod
     assert all(parameter.grad is not None for parameter in task.student.layer2.parameters())
     assert all(parameter.grad is None for parameter in task.student.layer3.parameters())  # after layer2: no gradient
     assert not counters["graph_break"], dict(counters["graph_break"])  # dynamo traces the hooks into the graph
+
+
+def test_taps_forget_what_a_plain_forward_left() -> None:
+    # Validation runs the plain student, whose hooks still fire: a compiled forward that guarded on the taps
+    # being None would recompile in every epoch after the first (pkt and rkd under train.compile did).
+    model = resnet8()
+    taps = tap_modules(model, ["layer2"])
+    model(torch.randn(2, *INPUT_SIZE))
+    assert taps["layer2"] is not None
+    assert tap_modules(model, ["layer2"])["layer2"] is None

@@ -68,24 +68,24 @@ def test_example_package_is_installed_and_listed() -> None:
         version("kdcli-dkd")
     except PackageNotFoundError:
         pytest.fail("examples/kdcli-dkd is not installed: `make install` (or pip install -e examples/kdcli-dkd)")
-    dkd = listed_methods()["dkd"]
+    dkd = listed_methods()["dkd-example"]  # its own name beside the built-in dkd
     assert (dkd["distribution"], dkd["roles"], dkd["teacher"], dkd["error"]) == ("kdcli-dkd", ["distill"], "required", None)
     assert "Decoupled" in dkd["summary"]
     table = run_cli("methods", "list")
     assert table.exit_code == 0 and "kdcli-dkd" in table.stdout
-    params = {row["name"]: row["default"] for row in run_cli("methods", "show", "dkd", "--json").json()["params"]}
+    params = {row["name"]: row["default"] for row in run_cli("methods", "show", "dkd-example", "--json").json()["params"]}
     assert params == {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "ce_weight": 1.0, "warmup_epochs": 20}
 
 
-def test_distill_with_dkd(teacher_run: Path, tmp_path: Path) -> None:
+def test_distill_with_the_example_dkd(teacher_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "dkd"
     result = run_cli(
-        "distill", "--teacher", teacher_run / "last.safetensors", "--method", "dkd", "--model", "cifar_resnet8",
+        "distill", "--teacher", teacher_run / "last.safetensors", "--method", "dkd-example", "--model", "cifar_resnet8",
         "--epochs", 2, "--set", "method.warmup_epochs=2", "--out", out, "--json", *TINY,
     )
     assert result.exit_code == 0, result
     summary = result.json()
-    assert summary["method"] == "dkd" and set(summary["final_epoch"]["loss"]) == {"ce", "tckd", "nckd", "total"}
+    assert summary["method"] == "dkd-example" and set(summary["final_epoch"]["loss"]) == {"ce", "tckd", "nckd", "total"}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [record["method"]["kd_weight"] for record in records] == [0.5, 1.0]
     assert all(record["loss"]["nckd"] > 0 and record["loss"]["tckd"] >= 0 for record in records)

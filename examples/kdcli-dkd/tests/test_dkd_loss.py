@@ -128,9 +128,9 @@ def test_defaults_are_the_papers() -> None:
 
 
 def test_registered_through_the_kdcli_methods_entry_point() -> None:
-    (entry_point,) = [ep for ep in entry_points(group="kdcli.methods") if ep.name == "dkd"]
+    (entry_point,) = [ep for ep in entry_points(group="kdcli.methods") if ep.name == "dkd-example"]
     assert entry_point.value == "kdcli_dkd:DKD" and entry_point.dist.name == "kdcli-dkd"
-    assert get_method("dkd") is DKD
+    assert get_method("dkd-example") is DKD
 
 
 def test_anchor_config_resolves_to_the_published_recipe() -> None:
