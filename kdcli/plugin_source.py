@@ -1,9 +1,10 @@
 """A method plugin's listing facts read from its source, without importing it (so without torch).
 
 ``kdcli methods list`` answers from this in well under a second.  Only a class
-that subclasses ``Method`` directly and sets its facts as literals is read this
-way; anything else (a computed summary, an inherited role, a module that is not
-plain source) returns None and the caller imports the plugin instead.
+that subclasses ``Method`` (directly, or through base classes read the same way,
+as the RepDistiller family's shared base) and sets its facts as literals is read
+this way; anything else (a computed summary, a base from elsewhere, a module that
+is not plain source) returns None and the caller imports the plugin instead.
 """
 
 from __future__ import annotations
@@ -33,24 +34,38 @@ class MethodFacts:
 def read_method_facts(target: str) -> MethodFacts | None:
     """The facts of the class an entry point names (``module:Class``), or None when the source does not tell."""
     module, _, name = target.partition(":")
+    values = _class_facts(module, name, depth=MAX_BASES)
+    return None if values is None else MethodFacts(**values)  # type: ignore[arg-type]
+
+
+MAX_REEXPORTS = 3  # a package's ``__init__`` re-exporting its method class, as kdcli-dkd's does
+MAX_BASES = 3  # base classes between a plugin class and ``Method``
+
+
+def _class_facts(module: str, name: str, *, depth: int) -> dict[str, object] | None:
+    """``Method``'s defaults, overlaid by each base's literal facts, then by the class's own."""
     found = _class_definition(module, name, hops=MAX_REEXPORTS)
-    if found is None or not _subclasses_method_directly(found):
+    if found is None or depth < 0:
         return None
-    values = dict(METHOD_DEFAULTS)
-    for target_name, value in _class_assignments(found):
+    origin, node = found
+    base = _single_base(node)
+    if base is None:
+        return None
+    values = dict(METHOD_DEFAULTS) if base == "Method" else _class_facts(origin, base, depth=depth - 1)
+    if values is None:
+        return None
+    for target_name, value in _class_assignments(node):
         if target_name in values:
             literal = _literal(value)
             if literal is None or type(literal) is not type(METHOD_DEFAULTS[target_name]):
                 return None
             values[target_name] = literal
-    return MethodFacts(**values)  # type: ignore[arg-type]
+    return values
 
 
-MAX_REEXPORTS = 3  # a package's ``__init__`` re-exporting its method class, as kdcli-dkd's does
-
-
-def _class_definition(module: str, name: str, *, hops: int) -> ast.ClassDef | None:
-    """``class name`` at the top of ``module``, following ``from M import name`` re-exports up to ``hops`` times."""
+def _class_definition(module: str, name: str, *, hops: int) -> tuple[str, ast.ClassDef] | None:
+    """``class name`` at the top of ``module`` and the module it is in, following ``from M import name``
+    re-exports up to ``hops`` times."""
     path = module_file(module)
     if path is None or not name.isidentifier():
         return None
@@ -60,7 +75,7 @@ def _class_definition(module: str, name: str, *, hops: int) -> ast.ClassDef | No
         return None
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == name:
-            return node
+            return module, node
         if isinstance(node, ast.ImportFrom) and hops > 0 and any(alias.name == name and alias.asname is None for alias in node.names):
             origin = _absolute_module(module, node, is_package=path.name == "__init__.py")
             return None if origin is None else _class_definition(origin, name, hops=hops - 1)
@@ -95,11 +110,14 @@ def module_file(module: str) -> Path | None:
     return Path(spec.origin)
 
 
-def _subclasses_method_directly(node: ast.ClassDef) -> bool:
+def _single_base(node: ast.ClassDef) -> str | None:
+    """The name of the class's one base ("Method" for ``Method`` or ``x.Method``); None for anything else."""
     if len(node.bases) != 1 or node.keywords:
-        return False
+        return None
     base = node.bases[0]
-    return (isinstance(base, ast.Name) and base.id == "Method") or (isinstance(base, ast.Attribute) and base.attr == "Method")
+    if isinstance(base, ast.Attribute) and base.attr == "Method":
+        return "Method"
+    return base.id if isinstance(base, ast.Name) else None
 
 
 def _class_assignments(node: ast.ClassDef) -> list[tuple[str, ast.expr]]:
