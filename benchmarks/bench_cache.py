@@ -19,12 +19,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import report, scaled
-from benchmarks.harness import Workload, build_trainer
-from kdcli.checkpoint import CheckpointInfo, save_checkpoint
+from benchmarks.harness import Workload, build_trainer, untrained_teacher
 from kdcli.config import RunConfig
 from kdcli.engine import Trainer
 from kdcli.jobs.common import load_data
-from kdcli.models import create_model
 from kdcli.registry import load_model_plugins
 
 WORKLOAD = scaled(Workload(), Workload(batch_size=8, steps=2))
@@ -35,14 +33,8 @@ def write_teacher(path: Path) -> None:
     """An untrained teacher checkpoint: its cost, not its accuracy, is what is measured."""
     config = WORKLOAD.config("kd", "distill")
     load_model_plugins()
-    bundle = load_data(config.data)
     torch.manual_seed(0)
-    model = create_model(WORKLOAD.teacher, num_classes=bundle.num_classes, input_size=bundle.input_size)
-    info = CheckpointInfo(
-        arch=WORKLOAD.teacher, num_classes=bundle.num_classes, input_size=bundle.input_size,
-        mean=bundle.mean, std=bundle.std, method="standard", epoch=0, data=config.data.model_dump(mode="json"),
-    )
-    save_checkpoint(path, model.state_dict(), info)
+    untrained_teacher(WORKLOAD.teacher, load_data(config.data), path, data=config.data.model_dump(mode="json"))
 
 
 def distill_config(*, cache: bool, augment: bool) -> RunConfig:

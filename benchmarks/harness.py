@@ -80,12 +80,12 @@ def build_trainer(
     return build_training(spec, bundle, teacher, runtime, RunDir(run_dir), show_progress=False).trainer
 
 
-def untrained_teacher(arch: str, bundle: DataBundle, path: Path) -> Path:
-    """A freshly initialized ``arch`` saved as a kdcli checkpoint at ``path``."""
+def untrained_teacher(arch: str, bundle: DataBundle, path: Path, *, data: dict[str, Any] | None = None) -> Path:
+    """A freshly initialized ``arch`` saved as a kdcli checkpoint at ``path`` (``data``: the data config it records)."""
     model = create_model(arch, num_classes=bundle.num_classes, input_size=bundle.input_size)
     info = CheckpointInfo(
         arch=arch, num_classes=bundle.num_classes, input_size=bundle.input_size, mean=bundle.mean, std=bundle.std,
-        method="standard", epoch=0,
+        method="standard", epoch=0, data=data or {},
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, model.state_dict(), info)

@@ -13,6 +13,7 @@ the ``onnx`` extra (``onnx``, ``onnxscript``), and checking it ``onnxruntime``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from collections.abc import Sequence
@@ -53,17 +54,9 @@ def onnx_bytes(model: nn.Module, input_size: Sequence[int], metadata: dict[str, 
 
 def require_exporter() -> None:
     """One line naming the extra when torch's ONNX exporter lacks its packages."""
-    missing = [name for name in ("onnx", "onnxscript") if not _importable(name)]
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:
         raise KdcliError(f"ONNX export needs {' and '.join(missing)}: pip install 'kdcli[onnx]'")
-
-
-def _importable(name: str) -> bool:
-    try:
-        __import__(name)
-    except ImportError:
-        return False
-    return True
 
 
 def onnx_metadata(pretrained_cfg: dict[str, Any], arch: str, class_names: Sequence[str] | None) -> dict[str, Any]:
